@@ -1,0 +1,135 @@
+"""Fixtures for tests that run inside the test VM as root on a pure cgroup v2 host."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[3]
+PODSIM = REPO / "scripts" / "podsim"
+CG = Path("/sys/fs/cgroup")
+
+if not os.environ.get("TESTVM"):  # pragma: no cover - guarded by tests/conftest.py too
+    pytest.skip("runs inside scripts/testvm only", allow_module_level=True)
+
+
+def wait_for(pred: Callable[[], object], timeout: float = 20, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def kube_cgroups() -> set[str]:
+    """Every cgroup below the kubepods roots (relative paths)."""
+    found: set[str] = set()
+    for top in ("kubepods", "kubepods.slice"):
+        if (CG / top).is_dir():
+            found |= {str(p.relative_to(CG)) for p in (CG / top).rglob("*") if p.is_dir()}
+    return found
+
+
+def ns_init_pid(cgroup: Path) -> int:
+    """Host PID of the process in `cgroup` that is PID 1 of its own namespace."""
+    for pid in (cgroup / "cgroup.procs").read_text().split():
+        status = Path(f"/proc/{pid}/status").read_text()
+        nspid = next(line for line in status.splitlines() if line.startswith("NSpid:"))
+        if nspid.split()[1:] == [pid, "1"]:
+            return int(pid)
+    raise AssertionError(f"no namespace init in {cgroup}")
+
+
+# The pod's PID 1: reads its own /proc/self/cpuset (a shell builtin, so the reader really is
+# PID 1), reports, and waits; SIGTERM is trapped so delivery is observable.
+POD_SCRIPT = """
+read -r cs < /proc/self/cpuset
+echo "$cs" > "$OUT/cpuset"
+echo $$ > "$OUT/nspid"
+trap 'echo term > "$OUT/term"; exit 0' TERM
+{extra}
+echo ready > "$OUT/ready"
+while :; do sleep 0.1; done
+"""
+
+
+class Pod:
+    def __init__(self, node: Node, uid: str, out: Path, proc: subprocess.Popen[str]) -> None:
+        self.node, self.uid, self.out, self.proc = node, uid, out, proc
+
+    def wait_ready(self) -> Pod:
+        wait_for(lambda: (self.out / "ready").exists() or self.proc.poll() is not None,
+                 what=f"pod {self.uid}")
+        assert self.proc.poll() is None, self.proc.communicate()[1]
+        return self
+
+    def read(self, name: str) -> str:
+        return (self.out / name).read_text().strip()
+
+    def terminate(self, timeout: float = 30) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=timeout)
+
+
+class Node:
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.kubelet = tmp / "kubelet"
+        self.pods: list[Pod] = []
+
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "PODSIM_KUBELET_DIR": str(self.kubelet)}
+
+    def podsim(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, str(PODSIM), *args], capture_output=True,
+                              text=True, env=self.env(), timeout=timeout)
+
+    def start(self, *args: str, uid: str | None = None, extra: str = "",
+              cmd: list[str] | None = None) -> Pod:
+        uid = uid or str(uuid.uuid4())
+        out = self.tmp / f"pod-{uid}"
+        out.mkdir()
+        env = {**self.env(), "OUT": str(out)}
+        command = cmd or ["sh", "-c", POD_SCRIPT.format(extra=extra)]
+        proc = subprocess.Popen([sys.executable, str(PODSIM), "run", "--uid", uid, *args,
+                                 "--", *command], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        pod = Pod(self, uid, out, proc)
+        self.pods.append(pod)
+        return pod
+
+    def state(self) -> dict:
+        return json.loads((self.kubelet / "cpu_manager_state").read_text())
+
+
+def uid_forms(uid: str) -> tuple[str, str]:
+    return uid, uid.replace("-", "_")
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Iterator[Node]:
+    n = Node(tmp_path)
+    yield n
+    for pod in n.pods:
+        if pod.proc.poll() is None:
+            pod.proc.send_signal(signal.SIGTERM)
+            try:
+                pod.proc.wait(timeout=40)
+            except subprocess.TimeoutExpired:
+                pod.proc.kill()
+                pod.proc.wait()
+    # A pod whose podsim was SIGKILLed is cleaned up by the next podsim call, as kubelet would.
+    if any(p.proc.returncode == -signal.SIGKILL for p in n.pods):
+        n.podsim("state")
+    leaked = sorted(c for c in kube_cgroups() for pod in n.pods
+                    if any(f in c for f in uid_forms(pod.uid)))
+    assert not leaked, f"cgroups left behind: {leaked}"

@@ -1,0 +1,21 @@
+"""Boots the test VM and runs tests/vm/inside/<module> there, as root on pure cgroup v2."""
+
+from __future__ import annotations
+
+import pytest
+
+from .conftest import VMRunner
+
+INSIDE = [
+    pytest.param("test_podsim.py", ["--cpus", "4"], id="podsim"),
+]
+
+
+@pytest.mark.vm
+@pytest.mark.slow
+@pytest.mark.parametrize(("module", "vm_args"), INSIDE)
+def test_inside_vm(testvm: VMRunner, module: str, vm_args: list[str]) -> None:
+    r = testvm.run(*vm_args, "--timeout", "900", "--", ".venv/bin/python", "-m", "pytest",
+                   "-p", "no:cacheprovider", "-q", "-rfE", "--color=no",
+                   f"tests/vm/inside/{module}", timeout=1000)
+    assert r.returncode == 0, f"inside the VM:\n{r.stdout}\n{r.stderr}"
