@@ -21,16 +21,29 @@ class VMRunner:
     def env(self, **extra: str) -> dict[str, str]:
         return {**os.environ, "TMPDIR": str(self.tmp), **extra}
 
-    def run(self, *args: str, timeout: float = 300, env: dict[str, str] | None = None,
-            **kw: object) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, str(TESTVM), *args], capture_output=True,
-                              text=True, timeout=timeout, env=env or self.env(), cwd=REPO,
-                              **kw)  # type: ignore[call-overload]
+    def run(
+        self, *args: str, timeout: float = 300, env: dict[str, str] | None = None, **kw: object
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, str(TESTVM), *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env or self.env(),
+            cwd=REPO,
+            **kw,
+        )  # type: ignore[call-overload]
 
     def popen(self, *args: str, **kw: object) -> subprocess.Popen[str]:
-        return subprocess.Popen([sys.executable, str(TESTVM), *args], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, env=self.env(), cwd=REPO,
-                                **kw)  # type: ignore[call-overload]
+        return subprocess.Popen(
+            [sys.executable, str(TESTVM), *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=self.env(),
+            cwd=REPO,
+            **kw,
+        )  # type: ignore[call-overload]
 
     def qemus(self) -> list[int]:
         """QEMU processes started by this fixture's testvm calls (their -append names TMPDIR)."""

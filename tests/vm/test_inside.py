@@ -15,7 +15,20 @@ INSIDE = [
 @pytest.mark.slow
 @pytest.mark.parametrize(("module", "vm_args"), INSIDE)
 def test_inside_vm(testvm: VMRunner, module: str, vm_args: list[str]) -> None:
-    r = testvm.run(*vm_args, "--timeout", "900", "--", ".venv/bin/python", "-m", "pytest",
-                   "-p", "no:cacheprovider", "-q", "-rfE", "--color=no",
-                   f"tests/vm/inside/{module}", timeout=1000)
+    r = testvm.run(
+        *vm_args,
+        "--timeout",
+        "900",
+        "--",
+        ".venv/bin/python",
+        "-m",
+        "pytest",
+        "-p",
+        "no:cacheprovider",
+        "-q",
+        "-rfE",
+        "--color=no",
+        f"tests/vm/inside/{module}",
+        timeout=1000,
+    )
     assert r.returncode == 0, f"inside the VM:\n{r.stdout}\n{r.stderr}"

@@ -29,8 +29,9 @@ from .conftest import REPO, VMRunner
         (["--kernel", "5.10", "--", "true"], "invalid choice"),
     ],
 )
-def test_bad_input_is_one_line_and_boots_nothing(testvm: VMRunner, args: list[str],
-                                                  message: str) -> None:
+def test_bad_input_is_one_line_and_boots_nothing(
+    testvm: VMRunner, args: list[str], message: str
+) -> None:
     r = testvm.run(*args, timeout=30)
     assert r.returncode == 2
     assert r.stdout == ""
@@ -61,8 +62,9 @@ def test_exit_status_is_the_commands(testvm: VMRunner) -> None:
 
 @pytest.mark.vm
 def test_cpus_option_sets_the_guest_cpu_count(testvm: VMRunner) -> None:
-    r = testvm.run("--cpus", "4", "--", "python3", "-c",
-                   "import os; print(len(os.sched_getaffinity(0)))")
+    r = testvm.run(
+        "--cpus", "4", "--", "python3", "-c", "import os; print(len(os.sched_getaffinity(0)))"
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout == "4\n"
 

@@ -67,8 +67,10 @@ class Pod:
         self.node, self.uid, self.out, self.proc = node, uid, out, proc
 
     def wait_ready(self) -> Pod:
-        wait_for(lambda: (self.out / "ready").exists() or self.proc.poll() is not None,
-                 what=f"pod {self.uid}")
+        wait_for(
+            lambda: (self.out / "ready").exists() or self.proc.poll() is not None,
+            what=f"pod {self.uid}",
+        )
         assert self.proc.poll() is None, self.proc.communicate()[1]
         return self
 
@@ -90,19 +92,29 @@ class Node:
         return {**os.environ, "PODSIM_KUBELET_DIR": str(self.kubelet)}
 
     def podsim(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, str(PODSIM), *args], capture_output=True,
-                              text=True, env=self.env(), timeout=timeout)
+        return subprocess.run(
+            [sys.executable, str(PODSIM), *args],
+            capture_output=True,
+            text=True,
+            env=self.env(),
+            timeout=timeout,
+        )
 
-    def start(self, *args: str, uid: str | None = None, extra: str = "",
-              cmd: list[str] | None = None) -> Pod:
+    def start(
+        self, *args: str, uid: str | None = None, extra: str = "", cmd: list[str] | None = None
+    ) -> Pod:
         uid = uid or str(uuid.uuid4())
         out = self.tmp / f"pod-{uid}"
         out.mkdir()
         env = {**self.env(), "OUT": str(out)}
         command = cmd or ["sh", "-c", POD_SCRIPT.format(extra=extra)]
-        proc = subprocess.Popen([sys.executable, str(PODSIM), "run", "--uid", uid, *args,
-                                 "--", *command], env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, str(PODSIM), "run", "--uid", uid, *args, "--", *command],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         pod = Pod(self, uid, out, proc)
         self.pods.append(pod)
         return pod
@@ -130,6 +142,7 @@ def node(tmp_path: Path) -> Iterator[Node]:
     # A pod whose podsim was SIGKILLed is cleaned up by the next podsim call, as kubelet would.
     if any(p.proc.returncode == -signal.SIGKILL for p in n.pods):
         n.podsim("state")
-    leaked = sorted(c for c in kube_cgroups() for pod in n.pods
-                    if any(f in c for f in uid_forms(pod.uid)))
+    leaked = sorted(
+        c for c in kube_cgroups() for pod in n.pods if any(f in c for f in uid_forms(pod.uid))
+    )
     assert not leaked, f"cgroups left behind: {leaked}"

@@ -19,10 +19,14 @@ def expected_path(uid: str, qos: str, driver: str, runtime: str) -> str:
     u = uid.replace("-", "_")
     table = {
         ("systemd", "guaranteed"): f"/kubepods.slice/kubepods-pod{u}.slice",
-        ("systemd", "burstable"):
-            f"/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{u}.slice",
-        ("systemd", "besteffort"):
-            f"/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{u}.slice",
+        (
+            "systemd",
+            "burstable",
+        ): f"/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{u}.slice",
+        (
+            "systemd",
+            "besteffort",
+        ): f"/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{u}.slice",
         ("cgroupfs", "guaranteed"): f"/kubepods/pod{uid}",
         ("cgroupfs", "burstable"): f"/kubepods/burstable/pod{uid}",
         ("cgroupfs", "besteffort"): f"/kubepods/besteffort/pod{uid}",
@@ -36,8 +40,11 @@ def expected_path(uid: str, qos: str, driver: str, runtime: str) -> str:
     return f"{table[driver, qos]}/{leaf[driver, runtime]}"
 
 
-CASES = [(d, q, "containerd") for d in ("systemd", "cgroupfs")
-         for q in ("guaranteed", "burstable", "besteffort")]
+CASES = [
+    (d, q, "containerd")
+    for d in ("systemd", "cgroupfs")
+    for q in ("guaranteed", "burstable", "besteffort")
+]
 CASES += [("systemd", "guaranteed", "crio"), ("cgroupfs", "besteffort", "crio")]
 
 
@@ -46,8 +53,18 @@ def test_pod_paths_files_and_clean_exit(node: Node, driver: str, qos: str, runti
     static_uid = qos == "besteffort"  # static pods have 32-hex UIDs without dashes
     uid = uuid.uuid4().hex if static_uid else str(uuid.uuid4())
     cpus = ["--cpus", "1-2"] if qos == "guaranteed" else []
-    pod = node.start(*cpus, "--qos", qos, "--driver", driver, "--runtime", runtime,
-                     "--container-id", CID, uid=uid).wait_ready()
+    pod = node.start(
+        *cpus,
+        "--qos",
+        qos,
+        "--driver",
+        driver,
+        "--runtime",
+        runtime,
+        "--container-id",
+        CID,
+        uid=uid,
+    ).wait_ready()
     path = expected_path(uid, qos, driver, runtime)
     container = CG / path.lstrip("/")
 
@@ -141,8 +158,7 @@ REFUSALS = [
 
 
 @pytest.mark.parametrize(("args", "message"), REFUSALS)
-def test_refusals_are_one_line_and_leave_nothing(node: Node, args: list[str],
-                                                  message: str) -> None:
+def test_refusals_are_one_line_and_leave_nothing(node: Node, args: list[str], message: str) -> None:
     node.podsim("state")
     before_state = (node.kubelet / "cpu_manager_state").read_text()
     before_cgroups = kube_cgroups()
@@ -156,8 +172,10 @@ def test_refusals_are_one_line_and_leave_nothing(node: Node, args: list[str],
 
 
 def test_missing_cmd(node: Node) -> None:
-    for argv in (["run", "--uid", str(uuid.uuid4()), "--cpus", "1"],
-                 ["run", "--uid", str(uuid.uuid4()), "--cpus", "1", "--"]):
+    for argv in (
+        ["run", "--uid", str(uuid.uuid4()), "--cpus", "1"],
+        ["run", "--uid", str(uuid.uuid4()), "--cpus", "1", "--"],
+    ):
         r = node.podsim(*argv)
         assert r.returncode != 0
         assert r.stderr.startswith("podsim: missing CMD") and r.stderr.count("\n") == 1
@@ -176,7 +194,7 @@ def test_systemd_removes_an_emptied_scope_cgroupfs_does_not(node: Node) -> None:
     elsewhere = CG / "podsim-test-elsewhere"
     elsewhere.mkdir()
     try:
-        leave = f'echo $$ > {elsewhere}/cgroup.procs'
+        leave = f"echo $$ > {elsewhere}/cgroup.procs"
         sd = node.start("--cpus", "1", "--driver", "systemd", extra=leave).wait_ready()
         fs = node.start("--cpus", "2", "--driver", "cgroupfs", extra=leave).wait_ready()
         sd_scope = CG / sd.read("cpuset").lstrip("/")
