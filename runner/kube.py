@@ -1,0 +1,142 @@
+"""What kubelet and the container runtime tell us, parsed: cgroup paths and cpu_manager_state.
+
+Pure functions only; the callers read the files.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Literal
+
+import attrs
+
+from runner import cpus
+from runner.cpus import CpuSet
+
+Driver = Literal["systemd", "cgroupfs"]
+QoS = Literal["guaranteed", "burstable", "besteffort"]
+
+_UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+_STATIC_UID = re.compile(r"^[0-9a-f]{32}$")  # static (mirror) pods: a hash, no dashes
+# systemd: "kubepods-pod<uid_>.slice", "kubepods-burstable-pod<uid_>.slice", and with a custom
+# kubelet cgroup root the same names behind a longer prefix ("kubelet-kubepods-pod….slice").
+_SYSTEMD_POD = re.compile(r"^(?:[a-z0-9_.-]+-)?pod([0-9a-f_]{32,36})\.slice$")
+_CGROUPFS_POD = re.compile(r"^pod([0-9a-f-]{32,36})$")
+_CONTAINER = [
+    (re.compile(r"^cri-containerd-([0-9a-f]{64})\.scope$"), "containerd"),
+    (re.compile(r"^crio-([0-9a-f]{64})(?:\.scope)?$"), "crio"),
+    (re.compile(r"^docker-([0-9a-f]{64})\.scope$"), "docker"),
+    (re.compile(r"^([0-9a-f]{64})$"), "containerd"),
+]
+
+
+class KubeError(ValueError):
+    """Input that is not what kubelet or the runtime would have produced."""
+
+
+@attrs.frozen
+class PodCgroup:
+    """The container's cgroup and what its path says about the pod."""
+
+    path: str  # absolute within the cgroup hierarchy, e.g. "/kubepods.slice/…/cri-….scope"
+    pod_uid: str
+    container_id: str
+    driver: Driver
+    runtime: str
+    qos: QoS
+
+
+def normalise_uid(raw: str) -> str | None:
+    uid = raw.replace("_", "-")
+    return uid if _UUID.match(uid) or _STATIC_UID.match(uid) else None
+
+
+def _container(part: str) -> tuple[str, str] | None:
+    for pattern, runtime in _CONTAINER:
+        if m := pattern.match(part):
+            return m.group(1), runtime
+    return None
+
+
+def parse_pod_cgroup(path: str) -> PodCgroup:
+    """Find the pod and container in a container's cgroup path (driver, runtime, QoS)."""
+    parts = [p for p in path.split("/") if p]
+    for i, part in enumerate(parts):
+        driver: Driver
+        if m := _SYSTEMD_POD.match(part):
+            driver = "systemd"
+        elif m := _CGROUPFS_POD.match(part):
+            driver = "cgroupfs"
+        else:
+            continue
+        uid = normalise_uid(m.group(1))
+        if uid is None:
+            raise KubeError(f"cgroup path {path!r}: {part!r} holds no valid pod UID")
+        if i + 1 >= len(parts):
+            raise KubeError(f"cgroup path {path!r} names a pod but no container")
+        container = _container(parts[i + 1])
+        if container is None:
+            raise KubeError(f"cgroup path {path!r}: {parts[i + 1]!r} is not a container cgroup")
+        container_id, runtime = container
+        above = " ".join(parts[: i + 1])
+        qos: QoS = (
+            "burstable"
+            if "burstable" in above
+            else "besteffort"
+            if "besteffort" in above
+            else "guaranteed"
+        )
+        return PodCgroup("/" + "/".join(parts), uid, container_id, driver, runtime, qos)
+    raise KubeError(f"cgroup path {path!r} is not inside a Kubernetes pod")
+
+
+def own_cgroup_path(proc_cpuset: str | None, proc_cgroup: str | None) -> str:
+    """The cgroup v2 path of a process: /proc/<pid>/cpuset, else the "0::" line of
+    /proc/<pid>/cgroup (kernels built without CONFIG_CPUSETS have no cpuset file)."""
+    if proc_cpuset is not None and proc_cpuset.strip().startswith("/"):
+        return proc_cpuset.strip()
+    for line in (proc_cgroup or "").splitlines():
+        if line.startswith("0::"):
+            return line[3:].strip() or "/"
+    raise KubeError("no cgroup v2 path in /proc/self/cpuset or /proc/self/cgroup (cgroup v1 host?)")
+
+
+@attrs.frozen
+class KubeletState:
+    """cpu_manager_state (kubelet's checkpoint, v2 format). The checksum is not verified: it
+    hashes a Go struct dump that cannot be reproduced faithfully outside kubelet."""
+
+    policy: str
+    default_cpus: CpuSet
+    entries: dict[str, dict[str, CpuSet]]
+
+    def pod_cpus(self, uid: str) -> CpuSet:
+        return frozenset().union(*self.entries.get(uid, {}).values())
+
+
+def parse_cpu_manager_state(text: str) -> KubeletState:
+    try:
+        doc = json.loads(text)
+    except ValueError as e:
+        raise KubeError(f"cpu_manager_state is not JSON: {e}") from None
+    if not isinstance(doc, dict):
+        raise KubeError("cpu_manager_state is not a JSON object")
+    policy = doc.get("policyName")
+    default = doc.get("defaultCpuSet")
+    entries = doc.get("entries") or {}
+    if not isinstance(policy, str) or not isinstance(default, str):
+        raise KubeError("cpu_manager_state lacks policyName or defaultCpuSet")
+    if not isinstance(entries, dict) or not all(
+        isinstance(v, dict) and all(isinstance(s, str) for s in v.values())
+        for v in entries.values()
+    ):
+        raise KubeError("cpu_manager_state has malformed entries")
+    try:
+        return KubeletState(
+            policy,
+            cpus.parse(default),
+            {uid: {name: cpus.parse(s) for name, s in c.items()} for uid, c in entries.items()},
+        )
+    except cpus.CpuListError as e:
+        raise KubeError(f"cpu_manager_state: {e}") from None

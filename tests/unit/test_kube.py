@@ -1,0 +1,144 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from runner import kube
+
+UID = "0a1b2c3d-1111-2222-3333-444455556666"
+U_ = UID.replace("-", "_")
+STATIC = "6d2f3ac0b1c24e1f9f0aa1f0c3b2d4e5"
+CID = "c" * 64
+
+
+@pytest.mark.parametrize(
+    ("path", "driver", "runtime", "qos", "uid"),
+    [
+        (
+            f"/kubepods.slice/kubepods-pod{U_}.slice/cri-containerd-{CID}.scope",
+            "systemd",
+            "containerd",
+            "guaranteed",
+            UID,
+        ),
+        (
+            f"/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{U_}.slice/"
+            f"cri-containerd-{CID}.scope",
+            "systemd",
+            "containerd",
+            "burstable",
+            UID,
+        ),
+        (
+            f"/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{U_}.slice/"
+            f"crio-{CID}.scope",
+            "systemd",
+            "crio",
+            "besteffort",
+            UID,
+        ),
+        (
+            f"/kubepods.slice/kubepods-pod{U_}.slice/crio-{CID}.scope/container",
+            "systemd",
+            "crio",
+            "guaranteed",
+            UID,
+        ),
+        (
+            f"/kubepods.slice/kubepods-pod{STATIC}.slice/cri-containerd-{CID}.scope",
+            "systemd",
+            "containerd",
+            "guaranteed",
+            STATIC,
+        ),
+        (
+            f"/kubelet.slice/kubelet-kubepods.slice/kubelet-kubepods-burstable.slice/"
+            f"kubelet-kubepods-burstable-pod{U_}.slice/cri-containerd-{CID}.scope",
+            "systemd",
+            "containerd",
+            "burstable",
+            UID,
+        ),
+        (f"/kubepods/pod{UID}/{CID}", "cgroupfs", "containerd", "guaranteed", UID),
+        (f"/kubepods/burstable/pod{UID}/{CID}", "cgroupfs", "containerd", "burstable", UID),
+        (f"/kubepods/besteffort/pod{STATIC}/crio-{CID}", "cgroupfs", "crio", "besteffort", STATIC),
+        (
+            f"/kubepods.slice/kubepods-pod{U_}.slice/docker-{CID}.scope",
+            "systemd",
+            "docker",
+            "guaranteed",
+            UID,
+        ),
+    ],
+)
+def test_parse_pod_cgroup(path: str, driver: str, runtime: str, qos: str, uid: str) -> None:
+    pod = kube.parse_pod_cgroup(path)
+    assert (pod.pod_uid, pod.container_id, pod.driver, pod.runtime, pod.qos) == (
+        uid,
+        CID,
+        driver,
+        runtime,
+        qos,
+    )
+    assert pod.path == path
+
+
+@pytest.mark.parametrize(
+    ("path", "message"),
+    [
+        ("/", "not inside a Kubernetes pod"),
+        ("/system.slice/foo.service", "not inside a Kubernetes pod"),
+        (f"/kubepods.slice/kubepods-pod{U_}.slice", "names a pod but no container"),
+        (f"/kubepods/pod{UID}/notacontainer", "is not a container cgroup"),
+        ("/kubepods/pod0a1b2c3d-1111-2222-3333-44445555666z/" + CID, "not inside"),
+        (
+            "/kubepods.slice/kubepods-pod0a1b2c3d_1111_2222_3333_44445555666.slice/x",
+            "holds no valid pod UID",
+        ),
+    ],
+)
+def test_parse_pod_cgroup_rejects(path: str, message: str) -> None:
+    with pytest.raises(kube.KubeError, match=message):
+        kube.parse_pod_cgroup(path)
+
+
+def test_own_cgroup_path_prefers_cpuset_and_falls_back_to_unified_line() -> None:
+    assert kube.own_cgroup_path("/a/b\n", "0::/x\n") == "/a/b"
+    assert kube.own_cgroup_path(None, "1:name=systemd:/y\n0::/x/y\n") == "/x/y"
+    with pytest.raises(kube.KubeError, match="cgroup v1 host"):
+        kube.own_cgroup_path(None, "4:cpuset:/\n")
+
+
+def test_cpu_manager_state() -> None:
+    text = json.dumps(
+        {
+            "policyName": "static",
+            "defaultCpuSet": "0,3",
+            "entries": {UID: {"compute": "1-2"}},
+            "checksum": 1,
+        }
+    )
+    state = kube.parse_cpu_manager_state(text)
+    assert state.policy == "static"
+    assert state.default_cpus == {0, 3}
+    assert state.pod_cpus(UID) == {1, 2}
+    assert state.pod_cpus("other") == frozenset()
+    none = kube.parse_cpu_manager_state('{"policyName":"none","defaultCpuSet":"","checksum":1}')
+    assert none.default_cpus == frozenset() and none.entries == {}
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "{",
+        "[]",
+        '{"policyName":"static"}',
+        '{"policyName":"static","defaultCpuSet":"x"}',
+        '{"policyName":"static","defaultCpuSet":"0","entries":{"u":"0"}}',
+    ],
+)
+def test_cpu_manager_state_rejects(text: str) -> None:
+    with pytest.raises(kube.KubeError):
+        kube.parse_cpu_manager_state(text)
