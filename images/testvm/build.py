@@ -164,10 +164,15 @@ def build(series: str, out: Path) -> None:
             raise BuildError(f"cpio failed: {cpio.stderr.decode().strip()}")
 
         stage = Path(tempfile.mkdtemp(prefix=".stage-", dir=out.parent))
-        (stage / "initrd.gz").write_bytes(gzip.compress(cpio.stdout, compresslevel=6))
-        shutil.copyfile(root / "boot" / f"vmlinuz-{kver}", stage / "vmlinuz")
-        (stage / "kernel-package").write_text(f"{pkg}\n{kver}\n")
-        stage.rename(out)
+        try:
+            (stage / "initrd.gz").write_bytes(gzip.compress(cpio.stdout, compresslevel=6))
+            shutil.copyfile(root / "boot" / f"vmlinuz-{kver}", stage / "vmlinuz")
+            (stage / "kernel-package").write_text(f"{pkg}\n{kver}\n")
+            stage.chmod(0o755)
+            stage.rename(out)
+        except BaseException:
+            shutil.rmtree(stage, ignore_errors=True)
+            raise
 
 
 def ensure(cache: Path, series: str) -> Path:

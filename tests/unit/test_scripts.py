@@ -50,6 +50,11 @@ def test_podsim_formats_like_kubelet() -> None:
     assert podsim.format_cpus({0, 1, 2, 3, 8, 10, 11}) == "0-3,8,10-11"
 
 
+def test_podsim_checksum_is_kubelets() -> None:
+    # Value from a kubelet-written cpu_manager_state with this content and no entries.
+    assert podsim.kubelet_checksum("static", "0-3", {}) == 611748604
+
+
 def test_podsim_checksum_is_fnv32a() -> None:
     # Reference values of FNV-1a 32.
     assert podsim.fnv32a(b"") == 0x811C9DC5
@@ -99,7 +104,8 @@ def test_job_script_keeps_arguments_and_environment_intact(
     ]
     job = testvm.write_job(tmp_path, args)
     out = subprocess.run(["env", "-i", "sh", str(job)], capture_output=True, text=True)
-    assert out.stdout == f"a b|it's|$HOME||*|it's $HOME `x`|unset|{tmp_path}|"
+    # The command runs in the repository, wherever testvm was called from.
+    assert out.stdout == f"a b|it's|$HOME||*|it's $HOME `x`|unset|{REPO}|"
 
 
 def test_podsim_refuses_a_host_without_cgroup_v2(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ from .conftest import VMRunner
 
 INSIDE = [
     pytest.param("test_podsim.py", ["--cpus", "4"], id="podsim"),
+    pytest.param("test_runner.py", ["--cpus", "4"], id="runner"),
 ]
 
 
@@ -29,6 +30,6 @@ def test_inside_vm(testvm: VMRunner, module: str, vm_args: list[str]) -> None:
         "-rfE",
         "--color=no",
         f"tests/vm/inside/{module}",
-        timeout=1000,
+        timeout=1400,
     )
     assert r.returncode == 0, f"inside the VM:\n{r.stdout}\n{r.stderr}"

@@ -142,6 +142,20 @@ def test_sigterm_stops_the_vm(testvm: VMRunner) -> None:
 
 
 @pytest.mark.vm
+def test_qemu_dies_with_a_killed_testvm(testvm: VMRunner) -> None:
+    proc = testvm.popen("--", "sh", "-c", "echo up; sleep 600")
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == "up\n"
+    assert testvm.qemus()
+    proc.kill()
+    proc.wait(timeout=10)
+    deadline = time.monotonic() + 10
+    while testvm.qemus() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert testvm.qemus() == []
+
+
+@pytest.mark.vm
 @pytest.mark.slow
 def test_several_vms_at_once_do_not_interfere(testvm: VMRunner) -> None:
     script = "echo {n} > /tmp/who; sleep 2; cat /tmp/who; exit {n}"

@@ -147,6 +147,7 @@ REFUSALS = [
     (["--cpus", "7"], "CPUs 7 do not exist on this node (online: 0-3)"),
     (["--cpus", "0-3"], "would leave no shared CPUs"),
     (["--cpus", "3-1"], "invalid CPU range"),
+    (["--cpus", "1,1-2"], "names CPUs 1 twice"),
     (["--cpus", "one"], "invalid CPU list"),
     (["--qos", "burstable", "--cpus", "1"], "--cpus is only for Guaranteed pods"),
     ([], "--cpus is required for a Guaranteed pod"),
@@ -229,3 +230,24 @@ def test_state_prints_kubelet_format(node: Node) -> None:
     assert r.returncode == 0
     text = r.stdout.strip()
     assert text.startswith('{"policyName":"static","defaultCpuSet":"0-3","checksum":')
+
+
+def test_node_options_after_the_subcommand(node: Node, tmp_path: Path) -> None:
+    other = tmp_path / "other-kubelet"
+    uid = str(uuid.uuid4())
+    r = node.podsim(
+        "run",
+        "--uid",
+        uid,
+        "--cpus",
+        "2",
+        "--kubelet-dir",
+        str(other),
+        "--",
+        "sh",
+        "-c",
+        f"cat {other}/cpu_manager_state",
+    )
+    assert r.returncode == 0, r.stderr
+    assert f'"entries":{{"{uid}":{{"compute":"2"}}}}' in r.stdout
+    assert not (node.kubelet / "cpu_manager_state").exists()

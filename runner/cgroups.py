@@ -1,0 +1,143 @@
+"""Thin cgroup v2 file operations. Paths are cgroup paths ("/instances/float"), resolved
+against the mount point; errors name the file and the operation."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import trio
+
+from runner import cpus
+from runner.cpus import CpuSet
+
+
+class CgroupError(Exception):
+    """A cgroup operation failed; the message says which and why."""
+
+
+class CgroupFS:
+    def __init__(self, mount: str | Path = "/sys/fs/cgroup") -> None:
+        self.mount = Path(mount)
+
+    def dir(self, cgroup: str) -> Path:
+        return self.mount / cgroup.lstrip("/")
+
+    def relative(self, directory: str | Path) -> str:
+        """The cgroup path of a directory below the mount ("/instances/float")."""
+        rel = Path(directory).resolve().relative_to(self.mount.resolve())
+        return "/" + str(rel) if str(rel) != "." else "/"
+
+    def read(self, cgroup: str, name: str) -> str:
+        path = self.dir(cgroup) / name
+        try:
+            return path.read_text()
+        except OSError as e:
+            raise CgroupError(f"cannot read {path}: {e.strerror}") from None
+
+    def write(self, cgroup: str, name: str, value: str) -> None:
+        path = self.dir(cgroup) / name
+        try:
+            # One write() per value: cgroupfs acts on each write separately.
+            fd = os.open(path, os.O_WRONLY)
+            try:
+                os.write(fd, value.encode())
+            finally:
+                os.close(fd)
+        except OSError as e:
+            raise CgroupError(f"cannot write {value!r} to {path}: {e.strerror}") from None
+
+    def exists(self, cgroup: str) -> bool:
+        return self.dir(cgroup).is_dir()
+
+    def check_v2_cpuset(self) -> None:
+        """Refuse hosts where cpuset is not on a cgroup v2 hierarchy at the mount."""
+        controllers = self.mount / "cgroup.controllers"
+        if not controllers.exists():
+            raise CgroupError(
+                f"{self.mount} is not a cgroup v2 (unified) hierarchy: instance-runner needs a "
+                "node booted with cgroup v2 only (systemd.unified_cgroup_hierarchy=1); "
+                "to try it on this machine, run it inside scripts/testvm"
+            )
+        if "cpuset" not in controllers.read_text().split():
+            raise CgroupError(
+                f"the cpuset controller is not available in {self.mount} (bound to a cgroup v1 "
+                "hierarchy?): instance-runner needs cpuset on cgroup v2"
+            )
+
+    def cpus(self, cgroup: str, effective: bool = True) -> CpuSet:
+        return cpus.parse(
+            self.read(cgroup, "cpuset.cpus.effective" if effective else "cpuset.cpus")
+        )
+
+    def enable(self, cgroup: str, controller: str) -> None:
+        if controller not in self.read(cgroup, "cgroup.subtree_control").split():
+            self.write(cgroup, "cgroup.subtree_control", f"+{controller}")
+
+    def make_domain_root(self, cgroup: str) -> None:
+        """Create `cgroup` (if needed) with cpuset enabled for its children; its parent must
+        delegate cpuset to it."""
+        parent = str(Path(cgroup).parent)
+        self.enable(parent, "cpuset")
+        self.dir(cgroup).mkdir(exist_ok=True)
+        self.enable(cgroup, "cpuset")
+
+    def make_threaded(self, cgroup: str, cpu_set: CpuSet) -> bool:
+        """Create a threaded child with these CPUs; True if it was created now."""
+        created = False
+        try:
+            self.dir(cgroup).mkdir()
+            created = True
+        except FileExistsError:
+            pass
+        except OSError as e:
+            raise CgroupError(f"cannot create {self.dir(cgroup)}: {e.strerror}") from None
+        if self.read(cgroup, "cgroup.type").strip() != "threaded":
+            self.write(cgroup, "cgroup.type", "threaded")
+        self.set_cpus(cgroup, cpu_set)
+        return created
+
+    def set_cpus(self, cgroup: str, cpu_set: CpuSet) -> None:
+        if not cpu_set:
+            raise CgroupError(f"refusing to write an empty cpuset to {cgroup}")
+        self.write(cgroup, "cpuset.cpus", cpus.format(cpu_set))
+
+    def move_process(self, cgroup: str, pid: int) -> None:
+        self.write(cgroup, "cgroup.procs", str(pid))
+
+    def move_thread(self, cgroup: str, tid: int) -> None:
+        self.write(cgroup, "cgroup.threads", str(tid))
+
+    def threads(self, cgroup: str) -> list[int]:
+        return [int(t) for t in self.read(cgroup, "cgroup.threads").split()]
+
+    def populated(self, cgroup: str) -> bool:
+        return "populated 1" in self.read(cgroup, "cgroup.events")
+
+    def children(self, cgroup: str) -> list[str]:
+        d = self.dir(cgroup)
+        return sorted(f"{cgroup.rstrip('/')}/{p.name}" for p in d.iterdir() if p.is_dir())
+
+    async def remove(self, cgroup: str, attempts: int = 10, delay: float = 0.2) -> None:
+        """rmdir, retrying while the kernel still counts exiting tasks (EBUSY)."""
+        path = self.dir(cgroup)
+        for attempt in range(attempts):
+            try:
+                path.rmdir()
+                return
+            except FileNotFoundError:
+                return
+            except OSError as e:
+                if e.errno != errno.EBUSY or attempt == attempts - 1:
+                    raise CgroupError(f"cannot remove {path}: {e.strerror}") from None
+            await trio.sleep(delay)
+
+
+def thread_cgroup(pid: int, tid: int) -> str:
+    """The cgroup v2 path of one thread, from /proc."""
+    text = Path(f"/proc/{pid}/task/{tid}/cgroup").read_text()
+    for line in text.splitlines():
+        if line.startswith("0::"):
+            return line[3:]
+    raise CgroupError(f"thread {tid} of {pid} has no cgroup v2 path")

@@ -1,0 +1,341 @@
+"""instance-runner as a pod's PID 1 (under podsim) with a firmware-only guest: the pinning
+invariants, stopping, QEMU dying, orphans, and every refusal leaving nothing behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import time
+from pathlib import Path
+
+import pytest
+
+from .conftest import CG, REPO, Node, Pod, kube_cgroups, uid_forms, wait_for
+
+RUNNER = str(REPO / ".venv" / "bin" / "instance-runner")
+INSTANCES = CG / "instances"
+FLOAT = INSTANCES / "float"
+
+
+def write_spec(tmp: Path, **fields: object) -> Path:
+    spec = {"name": "vm", "vcpus": 2, "memory_mib": 64, "accel": "tcg", **fields}
+    path = tmp / "spec.json"
+    path.write_text(json.dumps(spec))
+    return path
+
+
+class RunnerPod:
+    def __init__(self, pod: Pod, run_dir: Path) -> None:
+        self.pod = pod
+        self.run_dir = run_dir
+
+    @property
+    def ready_file(self) -> Path:
+        return self.run_dir / "ready"
+
+    def wait_ready(self, timeout: float = 60) -> dict:
+        wait_for(
+            lambda: self.ready_file.exists() or self.pod.proc.poll() is not None,
+            timeout=timeout,
+            what="the runner to be ready",
+        )
+        assert self.pod.proc.poll() is None, self.pod.proc.communicate()[1]
+        return json.loads(self.ready_file.read_text())
+
+    def runner_pid(self) -> int:
+        """Host PID of the pod's PID 1 (podsim's only child)."""
+        children = Path(f"/proc/{self.pod.proc.pid}/task/{self.pod.proc.pid}/children")
+        (pid,) = children.read_text().split()
+        return int(pid)
+
+    def finish(self, timeout: float = 60) -> tuple[int, str]:
+        _out, err = self.pod.proc.communicate(timeout=timeout)
+        return self.pod.proc.returncode, err
+
+
+def start_runner(
+    node: Node,
+    tmp: Path,
+    cpus: str,
+    *args: str,
+    driver: str = "systemd",
+    spec: Path | None = None,
+    prefix: tuple[str, ...] = (),
+) -> RunnerPod:
+    run_dir = tmp / "run"
+    spec = spec or write_spec(tmp, vcpus=len(cpus.replace("-", ",").split(",")))
+    cmd = [
+        *prefix,
+        RUNNER,
+        "run",
+        "--spec",
+        str(spec),
+        "--run-dir",
+        str(run_dir),
+        "--kubelet-dir",
+        str(node.kubelet),
+        "--shutdown-timeout",
+        "1",
+        *args,
+    ]
+    pod = node.start("--cpus", cpus, "--driver", driver, "--grace", "30", cmd=cmd)
+    return RunnerPod(pod, run_dir)
+
+
+def tasks(pid: int) -> list[int]:
+    return [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+
+
+def task_cgroup(pid: int, tid: int) -> str:
+    return Path(f"/proc/{pid}/task/{tid}/cgroup").read_text().strip().removeprefix("0::")
+
+
+def pod_processes(ns_link: str) -> list[int]:
+    found = []
+    for p in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if os.readlink(f"/proc/{p}/ns/pid") == ns_link:
+                found.append(int(p))
+        except OSError:
+            continue
+    return found
+
+
+def cpu_list(text: str) -> set[int]:
+    out: set[int] = set()
+    for part in text.strip().split(","):
+        lo, _, hi = part.partition("-")
+        out.update(range(int(lo), int(hi or lo) + 1))
+    return out
+
+
+def assert_nothing_left(uid: str) -> None:
+    assert not (INSTANCES / f"instance-{uid}").exists(), "instance cgroup left behind"
+    if FLOAT.exists():
+        assert (FLOAT / "cgroup.threads").read_text() == "", "threads left in float"
+    assert not [c for c in kube_cgroups() if any(f in c for f in uid_forms(uid))]
+
+
+# --- the invariants ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("cpus", "driver"), [("1-2", "systemd"), ("1,3", "cgroupfs")])
+def test_pinning_invariants_and_clean_stop(
+    node: Node, tmp_path: Path, cpus: str, driver: str
+) -> None:
+    rp = start_runner(node, tmp_path, cpus, driver=driver)
+    ready = rp.wait_ready()
+    uid = rp.pod.uid
+    pod_cpus = cpu_list(cpus)
+    instance = INSTANCES / f"instance-{uid}"
+    container = CG / rp.pod.read("cpuset").lstrip("/")
+    runner = rp.runner_pid()
+    ns = os.readlink(f"/proc/{runner}/ns/pid")
+    qemu = next(
+        p
+        for p in pod_processes(ns)
+        if Path(f"/proc/{p}/comm").read_text().startswith("qemu-system")
+    )
+
+    # Exactly the vCPU threads are in the instance cgroup, one distinct pod CPU each.
+    vcpu_tids = {int(t) for t in (instance / "cgroup.threads").read_text().split()}
+    assert vcpu_tids == set(tasks(qemu)) & vcpu_tids and len(vcpu_tids) == len(pod_cpus)
+    names = {Path(f"/proc/{qemu}/task/{t}/comm").read_text().strip() for t in vcpu_tids}
+    assert names == {f"CPU {i}/TCG" for i in range(len(pod_cpus))}
+    allowed = [os.sched_getaffinity(t) for t in vcpu_tids]
+    assert all(len(a) == 1 for a in allowed)
+    assert set().union(*allowed) == pod_cpus
+    assert cpu_list((instance / "cpuset.cpus").read_text()) == pod_cpus
+
+    # Every other thread of every pod process but the anchor is in float, off the pod's CPUs.
+    anchor_pids = [int(p) for p in (container / "cgroup.procs").read_text().split()]
+    assert len(anchor_pids) == 1, "the container cgroup must hold the anchor alone"
+    anchor = anchor_pids[0]
+    assert Path(f"/proc/{anchor}/cmdline").read_bytes() == b"sleep\0infinity\0"
+    float_path = "/instances/float"
+    checked = 0
+    for p in pod_processes(ns):
+        if p == anchor:
+            continue
+        for t in tasks(p):
+            if t in vcpu_tids:
+                continue
+            assert task_cgroup(p, t) == float_path, (p, t)
+            assert not os.sched_getaffinity(t) & pod_cpus, (p, t)
+            checked += 1
+    assert checked >= 3  # runner, QEMU main thread, QEMU's other threads
+    assert cpu_list((FLOAT / "cpuset.cpus").read_text()) == set(range(4)) - pod_cpus
+
+    # The guest never ran before it was pinned.
+    assert ready["status_at_pin"] in ("prelaunch", "paused")
+    assert all(t <= 1 for t in ready["vcpu_ticks_before_cont"].values())
+    assert {v["cpu"] for v in ready["vcpus"]} == pod_cpus
+
+    # SIGTERM: clean stop within the shutdown timeout (1 s) + 2 s.
+    anchor_cgroup = Path(f"/proc/{anchor}/cgroup").read_text()
+    assert anchor_cgroup == f"0::/{container.relative_to(CG)}\n"
+    pids = pod_processes(ns)
+    start = time.monotonic()
+    rp.pod.proc.send_signal(signal.SIGTERM)
+    code, err = rp.finish()
+    elapsed = time.monotonic() - start
+    assert code == 0, err
+    assert elapsed < 1 + 2 + 2, f"stop took {elapsed:.1f} s"  # + podsim's own clean-up
+    assert not any(Path(f"/proc/{p}").exists() for p in pids)
+    assert not rp.ready_file.exists()
+    assert '"event": "exit", "code": 0' in err
+    assert_nothing_left(uid)
+
+
+def test_qemu_killed_means_teardown_and_137(node: Node, tmp_path: Path) -> None:
+    rp = start_runner(node, tmp_path, "2")
+    rp.wait_ready()
+    runner = rp.runner_pid()
+    ns = os.readlink(f"/proc/{runner}/ns/pid")
+    qemu = next(
+        p
+        for p in pod_processes(ns)
+        if Path(f"/proc/{p}/comm").read_text().startswith("qemu-system")
+    )
+    os.kill(qemu, signal.SIGKILL)
+    code, err = rp.finish()
+    assert code == 137, err
+    assert_nothing_left(rp.pod.uid)
+
+
+def test_orphans_are_reaped(node: Node, tmp_path: Path) -> None:
+    rp = start_runner(node, tmp_path, "2")
+    rp.wait_ready()
+    runner = rp.runner_pid()
+    # A process in the pod whose parent exits: its child is reparented to the runner (PID 1).
+    os.system(f"nsenter -t {runner} -p -- sh -c 'sleep 0.3 & exit 0'")
+    time.sleep(1.5)
+    zombies = []
+    for p in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            status = Path(f"/proc/{p}/status").read_text()
+        except OSError:
+            continue
+        if f"PPid:\t{runner}\n" in status and "State:\tZ" in status:
+            zombies.append(p)
+    assert zombies == []
+    rp.pod.proc.send_signal(signal.SIGTERM)
+    code, err = rp.finish()
+    assert code == 0
+    exit_line = json.loads(next(line for line in err.splitlines() if '"event": "exit"' in line))
+    assert exit_line["orphans_reaped"] >= 1
+
+
+# --- refusals and faults: one line, non-zero, nothing left ----------------------------------
+
+
+def fake_qemu(tmp: Path, body: str) -> Path:
+    path = tmp / "fake-qemu"
+    path.write_text(f"#!/bin/sh\n{body}\n")
+    path.chmod(path.stat().st_mode | stat.S_IEXEC)
+    return path
+
+
+def error_lines(err: str) -> list[dict]:
+    return [
+        json.loads(line)
+        for line in err.splitlines()
+        if line.startswith("{") and '"level": "error"' in line
+    ]
+
+
+FAULTS = {
+    "malformed spec": (lambda t: t / "bad.json", "{", "is not valid JSON"),
+    "unknown field": (None, {"vcpu": 2}, "unknown field(s) vcpu"),
+    "too many vcpus": (None, {"vcpus": 3}, "asks for 3 vCPUs but the pod has 2"),
+    "missing qemu": (None, {"qemu_binary": "/nonexistent/qemu"}, "not found"),
+    "qemu exits": ("exit", {}, "QEMU exited during start-up with code 3: boom"),
+    "qmp silent": ("silent", {}, "did not answer on QMP"),
+}
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+def test_start_up_faults(node: Node, tmp_path: Path, fault: str) -> None:
+    kind, fields, message = FAULTS[fault]
+    if fault == "malformed spec":
+        spec = tmp_path / "bad.json"
+        spec.write_text(str(fields))
+    else:
+        extra = dict(fields) if isinstance(fields, dict) else {}
+        if kind == "exit":
+            extra["qemu_binary"] = str(fake_qemu(tmp_path, "echo boom >&2; exit 3"))
+        elif kind == "silent":
+            extra["qemu_binary"] = str(fake_qemu(tmp_path, "exec sleep 600"))
+        spec = write_spec(tmp_path, **extra)
+    rp = start_runner(node, tmp_path, "1-2", "--qmp-timeout", "3", spec=spec)
+    code, err = rp.finish()
+    assert code == 1, err
+    errors = error_lines(err)
+    assert len(errors) == 1 and message in errors[0]["error"], err
+    assert_nothing_left(rp.pod.uid)
+
+
+def test_not_root(node: Node, tmp_path: Path) -> None:
+    tmp_path.chmod(0o755)
+    rp = start_runner(
+        node,
+        tmp_path,
+        "1-2",
+        prefix=("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"),
+    )
+    code, err = rp.finish()
+    assert code == 1
+    (error,) = error_lines(err)
+    assert "must run as root" in error["error"]
+    assert_nothing_left(rp.pod.uid)
+
+
+def test_not_cgroup_v2(node: Node, tmp_path: Path) -> None:
+    fake_mount = tmp_path / "cgroup"
+    fake_mount.mkdir()
+    rp = start_runner(
+        node,
+        tmp_path,
+        "1-2",
+        "--cgroup-mount",
+        str(fake_mount),
+        "--cgroup-root",
+        str(fake_mount / "instances"),
+    )
+    code, err = rp.finish()
+    assert code == 1
+    (error,) = error_lines(err)
+    assert "is not a cgroup v2 (unified) hierarchy" in error["error"]
+    assert_nothing_left(rp.pod.uid)
+
+
+@pytest.mark.parametrize("step", ["anchor", "cgroups", "float", "qemu", "qmp", "pin", "cont"])
+def test_sigterm_at_each_start_up_step(node: Node, tmp_path: Path, step: str) -> None:
+    rp = start_runner(node, tmp_path, "1-2", "--pause-before", step)
+    wait_for(
+        lambda: (rp.run_dir / "paused").exists() or rp.pod.proc.poll() is not None,
+        timeout=60,
+        what=f"the runner to pause before {step}",
+    )
+    assert rp.pod.proc.poll() is None, rp.pod.proc.communicate()[1]
+    rp.pod.proc.send_signal(signal.SIGTERM)
+    code, err = rp.finish()
+    assert code == 128 + signal.SIGTERM, err
+    assert '"event": "startup-interrupted"' in err
+    assert not (rp.run_dir / "paused").exists()
+    assert_nothing_left(rp.pod.uid)
+
+
+def test_second_sigterm_does_not_skip_cleanup(node: Node, tmp_path: Path) -> None:
+    rp = start_runner(node, tmp_path, "1-2")
+    rp.wait_ready()
+    runner = rp.runner_pid()
+    rp.pod.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    os.kill(runner, signal.SIGTERM)  # straight to the runner, during its teardown
+    code, err = rp.finish()
+    assert code == 0, err
+    assert "stop-already-in-progress" in err
+    assert_nothing_left(rp.pod.uid)
