@@ -238,17 +238,17 @@ class Supervisor:
     async def _start(self) -> None:
         o = self.opts
         # Everything that can be refused is refused before anything runs.
+        if os.geteuid() != 0:
+            raise StartupError(
+                "instance-runner must run as root (a privileged container): it "
+                "moves threads between cgroups and sets CPU affinity"
+            )
         try:
             the_spec = spec.load(Path(o.spec_path).read_text(), source=o.spec_path)
         except OSError as e:
             raise StartupError(f"cannot read spec {o.spec_path}: {e.strerror}") from None
         except spec.SpecError as e:
             raise StartupError(str(e)) from None
-        if os.geteuid() != 0:
-            raise StartupError(
-                "instance-runner must run as root (a privileged container): it "
-                "moves threads between cgroups and sets CPU affinity"
-            )
         cg = CgroupFS(o.cgroup_mount)
         try:
             cg.check_v2_cpuset()

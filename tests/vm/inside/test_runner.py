@@ -111,6 +111,25 @@ def cpu_list(text: str) -> set[int]:
     return out
 
 
+def container_of(uid: str) -> Path:
+    """The pod's container cgroup: the one cgroup below its pod cgroup."""
+    pod_dirs = [
+        c
+        for c in kube_cgroups()
+        if c.split("/")[-1]
+        in {
+            f"pod{uid}",
+            *(
+                f"{p}pod{uid.replace('-', '_')}.slice"
+                for p in ("kubepods-", "kubepods-burstable-", "kubepods-besteffort-")
+            ),
+        }
+    ]
+    (pod_dir,) = pod_dirs
+    (container,) = [p for p in (CG / pod_dir).iterdir() if p.is_dir()]
+    return container
+
+
 def assert_nothing_left(uid: str) -> None:
     assert not (INSTANCES / f"instance-{uid}").exists(), "instance cgroup left behind"
     if FLOAT.exists():
@@ -130,7 +149,7 @@ def test_pinning_invariants_and_clean_stop(
     uid = rp.pod.uid
     pod_cpus = cpu_list(cpus)
     instance = INSTANCES / f"instance-{uid}"
-    container = CG / rp.pod.read("cpuset").lstrip("/")
+    container = container_of(uid)
     runner = rp.runner_pid()
     ns = os.readlink(f"/proc/{runner}/ns/pid")
     qemu = next(
