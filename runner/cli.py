@@ -159,3 +159,7 @@ def main() -> None:
     except click.ClickException as e:
         print(f"instance-runner: {e.format_message()}", file=sys.stderr)
         sys.exit(e.exit_code)
+
+
+if __name__ == "__main__":
+    main()
