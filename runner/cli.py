@@ -107,6 +107,23 @@ def cli() -> None:
     show_envvar=True,
 )
 @click.option(
+    "--controller-socket",
+    envvar=env("CONTROLLER_SOCKET"),
+    show_envvar=True,
+    metavar="PATH",
+    help="Get the cgroups from the node controller at this socket "
+    "(default: the runner makes them itself).",
+)
+@click.option(
+    "--controller-timeout",
+    default=30.0,
+    type=click.FloatRange(min=0.1),
+    envvar=env("CONTROLLER_TIMEOUT"),
+    show_envvar=True,
+    metavar="SECONDS",
+    help="How long to keep retrying the controller before giving up.",
+)
+@click.option(
     "--pause-before",
     type=click.Choice(STEPS),
     envvar=env("PAUSE_BEFORE"),
@@ -124,6 +141,8 @@ def run(
     allow_spare_cpus: bool,
     log_format: str,
     log_level: str,
+    controller_socket: str | None,
+    controller_timeout: float,
     pause_before: str | None,
 ) -> None:
     """Start the instance and keep its vCPUs pinned until SIGTERM or the guest's end.
@@ -142,9 +161,105 @@ def run(
         shutdown_timeout=shutdown_timeout,
         qmp_timeout=qmp_timeout,
         allow_spare_cpus=allow_spare_cpus,
+        controller_socket=controller_socket,
+        controller_timeout=controller_timeout,
         pause_before=pause_before,
     )
     sys.exit(trio.run(Supervisor(opts).run))
+
+
+@cli.command()
+@click.option(
+    "--socket",
+    "socket_path",
+    default="/run/instance-runner/controller.sock",
+    envvar=env("CONTROLLER_SOCKET"),
+    show_envvar=True,
+    metavar="PATH",
+    help="Unix socket to serve JSON-RPC on (mode 0660).",
+)
+@click.option(
+    "--cgroup-root",
+    default="/sys/fs/cgroup/instances",
+    envvar=env("CGROUP_ROOT"),
+    show_envvar=True,
+    help="Directory holding float/ and instance-<pod uid>/.",
+)
+@click.option(
+    "--cgroup-mount",
+    default="/sys/fs/cgroup",
+    envvar=env("CGROUP_MOUNT"),
+    show_envvar=True,
+    help="Where the cgroup v2 hierarchy is mounted.",
+)
+@click.option(
+    "--kubelet-dir",
+    default="/var/lib/kubelet",
+    envvar=env("KUBELET_DIR"),
+    show_envvar=True,
+    help="kubelet's state directory (cpu_manager_state).",
+)
+@click.option(
+    "--idle-timeout",
+    default=10.0,
+    type=click.FloatRange(min=0.1),
+    envvar=env("IDLE_TIMEOUT"),
+    show_envvar=True,
+    metavar="SECONDS",
+    help="A connection that sends nothing for this long is closed.",
+)
+@click.option(
+    "--resync-interval",
+    default=10.0,
+    type=click.FloatRange(min=0.1),
+    envvar=env("RESYNC_INTERVAL"),
+    show_envvar=True,
+    metavar="SECONDS",
+    help="Reconcile at least this often, whatever the events.",
+)
+@click.option(
+    "--log-format",
+    type=click.Choice(["json", "text"]),
+    default="json",
+    envvar=env("LOG_FORMAT"),
+    show_envvar=True,
+    help="Logs on stderr.",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    default="info",
+    envvar=env("LOG_LEVEL"),
+    show_envvar=True,
+)
+def controller(
+    socket_path: str,
+    cgroup_root: str,
+    cgroup_mount: str,
+    kubelet_dir: str,
+    idle_timeout: float,
+    resync_interval: float,
+    log_format: str,
+    log_level: str,
+) -> None:
+    """Run the node's instance cgroup controller (a DaemonSet on every worker).
+
+    Owns <root>/float and <root>/instance-<pod uid>. Runners register over JSON-RPC 2.0
+    (registerCgroup, deregisterCgroup, listInstances, health), one request per line. float
+    follows kubelet's defaultCpuSet; instance cgroups of pods that are gone are removed.
+    """
+    from runner.controller import Controller, ControllerOptions
+
+    log.configure(log_format, log_level)  # type: ignore[arg-type]
+    opts = ControllerOptions(
+        socket=socket_path,
+        cgroup_root=cgroup_root,
+        cgroup_mount=cgroup_mount,
+        kubelet_dir=kubelet_dir,
+        idle_timeout=idle_timeout,
+        resync_interval=resync_interval,
+    )
+    sys.exit(trio.run(Controller(opts).run))
 
 
 def main() -> None:

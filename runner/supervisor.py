@@ -16,6 +16,7 @@ import shutil
 import signal
 import socket
 import time
+import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Literal
@@ -23,7 +24,7 @@ from typing import Literal
 import attrs
 import trio
 
-from runner import cpus, kube, plan, spec
+from runner import cpus, kube, plan, rpc, spec
 from runner.cgroups import CgroupError, CgroupFS, thread_cgroup
 from runner.cpus import CpuSet
 from runner.log import log
@@ -49,6 +50,8 @@ class Options:
     shutdown_timeout: float = 30.0
     qmp_timeout: float = 30.0
     allow_spare_cpus: bool = False
+    controller_socket: str | None = None  # None: embedded mode, the runner makes its cgroups
+    controller_timeout: float = 30.0
     pause_before: str | None = None  # fault-injection hook for tests: wait before this step
 
 
@@ -125,7 +128,7 @@ class EmbeddedCgroups:
                 found |= self.cg.cpus(child, effective=False)
         return frozenset(found)
 
-    def obtain(self, p: plan.Plan) -> tuple[str, str]:
+    async def obtain(self, p: plan.Plan) -> tuple[str, str]:
         instance = self.instance(p)
         self.cg.make_domain_root(self.root)
         self.cg.make_threaded(self.float, p.float_cpus)
@@ -136,6 +139,63 @@ class EmbeddedCgroups:
 
     async def release(self, instance: str) -> None:
         await self.cg.remove(instance)
+
+
+class ControllerCgroups:
+    """float and instance cgroups from the node controller (registerCgroup/deregisterCgroup).
+    The controller identifies us by our cgroup, so we must still be in the container cgroup
+    at both calls: register before moving to float, deregister after moving back."""
+
+    # Refusals that no retry will change.
+    FINAL = (rpc.INVALID_PARAMS, rpc.FORBIDDEN, rpc.CONFLICT, rpc.METHOD_NOT_FOUND)
+
+    def __init__(self, socket_path: str, timeout: float, uuid: str) -> None:
+        self.socket = socket_path
+        self.timeout = timeout
+        self.uuid = uuid
+
+    def other_instance_cpus(self, _own: str) -> CpuSet:
+        return frozenset()  # the controller checks overlaps
+
+    async def obtain(self, p: plan.Plan) -> tuple[str, str]:
+        params = rpc.RegisterParams(self.uuid, cpus.format(p.instance_cpus))
+        delay, attempt, last = 0.1, 0, ""
+        with trio.move_on_after(self.timeout):
+            while True:
+                attempt += 1
+                try:
+                    res: rpc.RegisterResult = await rpc.call(
+                        self.socket,
+                        "registerCgroup",
+                        params,
+                        rpc.RegisterResult,
+                        timeout=min(10, self.timeout),
+                    )
+                    log.info("registered", controller=self.socket, attempts=attempt)
+                    return res.float_path, res.cgroup_path
+                except rpc.RPCError as e:
+                    if e.code in self.FINAL:
+                        raise StartupError(
+                            f"the controller refused registration: {e.message}"
+                        ) from None
+                    last = e.message
+                except (OSError, trio.TooSlowError) as e:
+                    last = str(e) or type(e).__name__
+                log.info("controller-retry", attempt=attempt, error=last, delay=delay)
+                await trio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+        raise StartupError(
+            f"no answer from the controller at {self.socket} within {self.timeout:g} s: {last}"
+        )
+
+    async def release(self, _instance: str) -> None:
+        await rpc.call(
+            self.socket,
+            "deregisterCgroup",
+            rpc.DeregisterParams(self.uuid),
+            rpc.DeregisterResult,
+            timeout=min(10, self.timeout),
+        )
 
 
 class Supervisor:
@@ -185,7 +245,12 @@ class Supervisor:
             log.error("startup-failed", step=self.step, error=str(e))
             code = 1
         except Exception as e:  # a bug: still unwind everything
-            log.error("internal-error", step=self.step, error=f"{type(e).__name__}: {e}")
+            log.error(
+                "internal-error",
+                step=self.step,
+                error=f"{type(e).__name__}: {e}",
+                traceback=traceback.format_exc().splitlines()[-6:],
+            )
             code = 70
         finally:
             self._interruptible = None
@@ -269,7 +334,11 @@ class Supervisor:
             state_text = read_optional(Path(o.kubelet_dir) / "cpu_manager_state")
             kubelet = kube.parse_cpu_manager_state(state_text) if state_text is not None else None
             online = cpus.parse(Path("/sys/devices/system/cpu/online").read_text())
-            cgroups = EmbeddedCgroups(cg, root)
+            cgroups: EmbeddedCgroups | ControllerCgroups = (
+                ControllerCgroups(o.controller_socket, o.controller_timeout, pod.pod_uid)
+                if o.controller_socket
+                else EmbeddedCgroups(cg, root)
+            )
             the_plan = plan.make_plan(
                 the_spec,
                 pod,
@@ -306,7 +375,7 @@ class Supervisor:
 
         await self._checkpoint("cgroups")
         try:
-            float_cg, instance_cg = cgroups.obtain(the_plan)
+            float_cg, instance_cg = await cgroups.obtain(the_plan)
         except CgroupError as e:
             raise StartupError(str(e)) from None
         self.teardown.push("remove instance cgroup", lambda: cgroups.release(instance_cg))
@@ -320,6 +389,9 @@ class Supervisor:
         self.teardown.push(
             "move back to the container cgroup", _async(cg.move_process, own, os.getpid())
         )
+        now_in = kube.own_cgroup_path(None, read_optional("/proc/self/cgroup"))
+        if now_in != float_cg:
+            raise StartupError(f"moved to {float_cg} but the kernel has us in {now_in}")
         for task in os.listdir("/proc/self/task"):
             os.sched_setaffinity(int(task), the_plan.float_cpus)
         log.info("moved-to-float", cgroup=float_cg, cpus=cpus.format(the_plan.float_cpus))

@@ -1,0 +1,234 @@
+"""JSON-RPC 2.0 between runners and the node controller: one JSON object per line.
+
+The messages are attrs classes (un)structured by cattrs; decoding is pure and never raises
+for bad input: it yields the error response the peer should get. The transport (framing with a
+size limit, a client call) is a thin layer over trio streams.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import attrs
+import trio
+
+from runner.spec import converter as strict_converter
+from runner.spec import describe
+
+MAX_MESSAGE = 64 * 1024
+VERSION = "2.0"
+
+# Standard codes, then the controller's own (-32000 to -32099 are for the application).
+PARSE_ERROR = -32700
+INVALID_REQUEST = -32600
+METHOD_NOT_FOUND = -32601
+INVALID_PARAMS = -32602
+INTERNAL_ERROR = -32603
+FORBIDDEN = -32001  # the caller may not do this (not its pod, not its CPUs)
+CONFLICT = -32002  # the uuid is live with another cpuset
+BUSY = -32003  # the instance cgroup still holds threads
+TOO_LARGE = -32004  # message over MAX_MESSAGE
+
+Id = int | str | None
+
+
+@attrs.frozen
+class RegisterParams:
+    uuid: str
+    cpuset: str
+
+
+@attrs.frozen
+class RegisterResult:
+    cgroup_path: str
+    float_path: str
+
+
+@attrs.frozen
+class DeregisterParams:
+    uuid: str
+
+
+@attrs.frozen
+class DeregisterResult:
+    removed: bool
+
+
+@attrs.frozen
+class EmptyParams:
+    pass
+
+
+@attrs.frozen
+class InstanceInfo:
+    uuid: str
+    cgroup_path: str
+    cpuset: str
+    threads: int
+
+
+@attrs.frozen
+class ListResult:
+    instances: list[InstanceInfo]
+
+
+@attrs.frozen
+class HealthResult:
+    status: str
+    float_cpus: str
+    instances: int
+
+
+PARAMS: dict[str, type] = {
+    "registerCgroup": RegisterParams,
+    "deregisterCgroup": DeregisterParams,
+    "listInstances": EmptyParams,
+    "health": EmptyParams,
+}
+
+
+@attrs.frozen
+class Request:
+    method: str
+    params: Any
+    id: Id
+
+
+@attrs.frozen
+class ErrorObject:
+    code: int
+    message: str
+
+
+@attrs.frozen
+class Response:
+    id: Id
+    result: Any = None
+    error: ErrorObject | None = None
+
+
+class RPCError(Exception):
+    """An error response, raised on the client side."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(f"{message} (code {code})")
+        self.code = code
+        self.message = message
+
+
+converter = strict_converter  # strict types, unknown keys refused: shared with the spec
+
+
+def error(id_: Id, code: int, message: str) -> Response:
+    return Response(id=id_, error=ErrorObject(code, message))
+
+
+def decode_request(line: bytes) -> Request | Response:
+    """A request, or the error response that answers a malformed one."""
+    try:
+        doc = json.loads(line)
+    except (ValueError, UnicodeDecodeError) as e:
+        return error(None, PARSE_ERROR, f"parse error: {e}")
+    if isinstance(doc, list):
+        return error(None, INVALID_REQUEST, "invalid request: batches are not supported")
+    if not isinstance(doc, dict):
+        return error(None, INVALID_REQUEST, "invalid request: not a JSON object")
+    raw_id = doc.get("id")
+    id_: Id = raw_id if type(raw_id) in (int, str) or raw_id is None else None
+    if doc.get("jsonrpc") != VERSION:
+        return error(id_, INVALID_REQUEST, 'invalid request: "jsonrpc" must be "2.0"')
+    if type(raw_id) not in (int, str) or "id" not in doc:
+        return error(
+            None,
+            INVALID_REQUEST,
+            "invalid request: id must be a string or integer (notifications are not supported)",
+        )
+    method = doc.get("method")
+    if not isinstance(method, str):
+        return error(id_, INVALID_REQUEST, "invalid request: method must be a string")
+    extra = set(doc) - {"jsonrpc", "method", "params", "id"}
+    if extra:
+        return error(id_, INVALID_REQUEST, f"invalid request: unknown member(s) {sorted(extra)}")
+    kind = PARAMS.get(method)
+    if kind is None:
+        return error(id_, METHOD_NOT_FOUND, f"method not found: {method!r}")
+    raw = doc.get("params", {})
+    if not isinstance(raw, dict):
+        return error(id_, INVALID_PARAMS, "invalid params: must be an object")
+    try:
+        params: object = converter.structure(raw, kind)
+    except Exception as e:  # cattrs' grouped errors: describe them, never crash the server
+        return error(id_, INVALID_PARAMS, f"invalid params: {describe(e)}")
+    return Request(method, params, id_)
+
+
+def encode_request(method: str, params: object, id_: Id) -> bytes:
+    doc = {"jsonrpc": VERSION, "method": method, "params": converter.unstructure(params), "id": id_}
+    return (json.dumps(doc, separators=(",", ":")) + "\n").encode()
+
+
+def encode_response(resp: Response) -> bytes:
+    doc: dict[str, Any] = {"jsonrpc": VERSION, "id": resp.id}
+    if resp.error is not None:
+        doc["error"] = {"code": resp.error.code, "message": resp.error.message}
+    else:
+        doc["result"] = converter.unstructure(resp.result)
+    return (json.dumps(doc, separators=(",", ":")) + "\n").encode()
+
+
+def decode_response(line: bytes, result_type: type) -> Any:
+    """The result of a response line, or RPCError."""
+    try:
+        doc = json.loads(line)
+    except ValueError as e:
+        raise RPCError(PARSE_ERROR, f"unreadable response: {e}") from None
+    if not isinstance(doc, dict) or doc.get("jsonrpc") != VERSION:
+        raise RPCError(INVALID_REQUEST, "not a JSON-RPC 2.0 response")
+    if "error" in doc:
+        err = doc["error"] if isinstance(doc["error"], dict) else {}
+        raise RPCError(int(err.get("code", INTERNAL_ERROR)), str(err.get("message", "error")))
+    try:
+        return converter.structure(doc.get("result"), result_type)
+    except Exception as e:
+        raise RPCError(INVALID_PARAMS, f"malformed result: {e}") from None
+
+
+class LineReader:
+    """Newline framing over a trio stream, refusing lines over `limit` bytes."""
+
+    def __init__(self, stream: trio.abc.ReceiveStream, limit: int = MAX_MESSAGE) -> None:
+        self.stream = stream
+        self.limit = limit
+        self.buf = bytearray()
+
+    async def readline(self) -> bytes | None:
+        """One line without its newline; None at EOF; ValueError when over the limit."""
+        while True:
+            nl = self.buf.find(b"\n")
+            if nl >= 0:
+                if nl > self.limit:
+                    raise ValueError("message too large")
+                line = bytes(self.buf[:nl])
+                del self.buf[: nl + 1]
+                return line
+            if len(self.buf) > self.limit:
+                raise ValueError("message too large")
+            chunk = await self.stream.receive_some(65536)
+            if not chunk:
+                return None
+            self.buf += chunk
+
+
+async def call(
+    socket_path: str, method: str, params: object, result_type: type, timeout: float = 10
+) -> Any:
+    """One request on a fresh connection, with a deadline on everything."""
+    with trio.fail_after(timeout):
+        stream = await trio.open_unix_socket(socket_path)
+        async with stream:
+            await stream.send_all(encode_request(method, params, 1))
+            line = await LineReader(stream).readline()
+    if line is None:
+        raise RPCError(INTERNAL_ERROR, "the controller closed the connection")
+    return decode_response(line, result_type)
