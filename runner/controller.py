@@ -29,8 +29,9 @@ from runner.cpus import CpuSet
 from runner.log import log
 
 STATE_FILE = "cpu_manager_state"
-# A just-registered instance has no threads until its runner pins them; reconcile must not
-# mistake it for stale in that window.
+# A just-registered instance has no threads until its runner pins them. If kubelet lists the
+# pod, its leaving cpu_manager_state says the pod is gone; if kubelet does not (no static
+# policy), only time can tell the pinning window from a dead runner.
 REGISTRATION_GRACE = 60.0
 
 
@@ -214,37 +215,37 @@ class Controller:
         async with self.lock:
             state = self._kubelet_state()
             instances = self.instances()
-            live = frozenset().union(*(i.cpus for i in instances.values()))
-            if state is not False:
-                want = self._float_target(state, live)
-                have = self.cg.cpus(self.float, effective=False)
-                if not want:
-                    log.warning(
-                        "float-unchanged",
-                        reason="no shared CPU would be left",
-                        cpus=cpus.format(have),
-                    )
-                elif want != have:
-                    self.cg.set_cpus(self.float, want)
-                    log.info(
-                        "float-cpus", old=cpus.format(have), new=cpus.format(want), reason=reason
-                    )
             if isinstance(state, kube.KubeletState):
+                # Stale instances first: their CPUs go back to float in this same pass.
                 now = time.monotonic()
-                for inst in instances.values():
+                for inst in list(instances.values()):
                     young = now - self._registered_at.get(inst.uuid, -1e9) < REGISTRATION_GRACE
                     if inst.uuid in state.entries or inst.threads or young:
                         continue
                     try:
                         await self.cg.remove(inst.path, attempts=3, delay=0.1)
-                        self._registered_at.pop(inst.uuid, None)
-                        log.info(
-                            "instance-removed",
-                            uuid=inst.uuid,
-                            reason="stale: pod gone from cpu_manager_state and no thread left",
-                        )
                     except CgroupError as e:
                         log.warning("stale-instance-kept", uuid=inst.uuid, error=str(e))
+                        continue
+                    del instances[inst.uuid]
+                    self._registered_at.pop(inst.uuid, None)
+                    log.info(
+                        "instance-removed",
+                        uuid=inst.uuid,
+                        reason="stale: pod gone from cpu_manager_state and no thread left",
+                    )
+            if state is False:
+                return  # unreadable state: keep float as it is
+            live = frozenset().union(*(i.cpus for i in instances.values()))
+            want = self._float_target(state, live)
+            have = self.cg.cpus(self.float, effective=False)
+            if not want:
+                log.warning(
+                    "float-unchanged", reason="no shared CPU would be left", cpus=cpus.format(have)
+                )
+            elif want != have:
+                self.cg.set_cpus(self.float, want)
+                log.info("float-cpus", old=cpus.format(have), new=cpus.format(want), reason=reason)
 
     async def reconcile_loop(self) -> None:
         while True:
@@ -363,7 +364,8 @@ class Controller:
                 with contextlib.suppress(OSError):
                     self.cg.dir(path).rmdir()
                 raise rpc.RPCError(rpc.INTERNAL_ERROR, str(e)) from None
-            self._registered_at[p.uuid] = time.monotonic()
+            if not (isinstance(state, kube.KubeletState) and state.pod_cpus(p.uuid)):
+                self._registered_at[p.uuid] = time.monotonic()
         log.info("instance-registered", uuid=p.uuid, cpuset=cpus.format(wanted), cgroup=path)
         self.poke()
         return rpc.RegisterResult(path, self.float)

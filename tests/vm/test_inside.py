@@ -9,6 +9,7 @@ from .conftest import VMRunner
 INSIDE = [
     pytest.param("test_podsim.py", ["--cpus", "4"], id="podsim"),
     pytest.param("test_runner.py", ["--cpus", "4"], id="runner"),
+    pytest.param("test_controller.py", ["--cpus", "4"], id="controller"),
 ]
 
 

@@ -1,0 +1,169 @@
+"""JSON-RPC codec: standard error codes for every kind of bad input, never an exception;
+round trips for every message; framing with a size limit."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import trio
+import trio.testing
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from runner import cpus, rpc
+
+UID = "0a1b2c3d-1111-2222-3333-444455556666"
+
+
+def decode(doc: object) -> rpc.Request | rpc.Response:
+    return rpc.decode_request(json.dumps(doc).encode())
+
+
+def code_of(result: rpc.Request | rpc.Response) -> int | None:
+    return result.error.code if isinstance(result, rpc.Response) and result.error else None
+
+
+@pytest.mark.parametrize(
+    ("line", "code"),
+    [
+        (b"{", rpc.PARSE_ERROR),
+        (b"\xff\xfe", rpc.PARSE_ERROR),
+        (b"[]", rpc.INVALID_REQUEST),
+        (b'[{"jsonrpc":"2.0","method":"health","id":1}]', rpc.INVALID_REQUEST),
+        (b"42", rpc.INVALID_REQUEST),
+        (b'{"method":"health","id":1}', rpc.INVALID_REQUEST),
+        (b'{"jsonrpc":"1.0","method":"health","id":1}', rpc.INVALID_REQUEST),
+        (b'{"jsonrpc":"2.0","method":"health"}', rpc.INVALID_REQUEST),
+        (b'{"jsonrpc":"2.0","method":"health","id":[1]}', rpc.INVALID_REQUEST),
+        (b'{"jsonrpc":"2.0","method":5,"id":1}', rpc.INVALID_REQUEST),
+        (b'{"jsonrpc":"2.0","method":"health","id":1,"x":1}', rpc.INVALID_REQUEST),
+        (b'{"jsonrpc":"2.0","method":"rm -rf","id":1}', rpc.METHOD_NOT_FOUND),
+        (b'{"jsonrpc":"2.0","method":"registerCgroup","id":1,"params":[1]}', rpc.INVALID_PARAMS),
+        (
+            b'{"jsonrpc":"2.0","method":"registerCgroup","id":1,"params":{"uuid":5,"cpuset":"1"}}',
+            rpc.INVALID_PARAMS,
+        ),
+        (
+            b'{"jsonrpc":"2.0","method":"registerCgroup","id":1,"params":{"uuid":"u"}}',
+            rpc.INVALID_PARAMS,
+        ),
+        (
+            b'{"jsonrpc":"2.0","method":"deregisterCgroup","id":1,"params":{"uuid":"u","x":1}}',
+            rpc.INVALID_PARAMS,
+        ),
+    ],
+)
+def test_bad_requests_get_standard_codes(line: bytes, code: int) -> None:
+    assert code_of(rpc.decode_request(line)) == code
+
+
+def test_error_keeps_the_request_id_when_it_has_one() -> None:
+    resp = decode({"jsonrpc": "2.0", "method": "nope", "id": "abc"})
+    assert isinstance(resp, rpc.Response) and resp.id == "abc"
+
+
+def test_valid_requests() -> None:
+    req = decode(
+        {
+            "jsonrpc": "2.0",
+            "method": "registerCgroup",
+            "id": 7,
+            "params": {"uuid": UID, "cpuset": "1-2"},
+        }
+    )
+    assert req == rpc.Request("registerCgroup", rpc.RegisterParams(UID, "1-2"), 7)
+    assert decode({"jsonrpc": "2.0", "method": "health", "id": "h"}) == rpc.Request(
+        "health", rpc.EmptyParams(), "h"
+    )
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=20,
+)
+
+
+@given(st.binary(max_size=300))
+def test_any_bytes_decode_without_raising(line: bytes) -> None:
+    assert isinstance(rpc.decode_request(line), (rpc.Request, rpc.Response))
+
+
+@given(json_values)
+def test_any_json_decodes_without_raising(doc: object) -> None:
+    assert isinstance(decode(doc), (rpc.Request, rpc.Response))
+
+
+@given(
+    st.fixed_dictionaries(
+        {
+            "jsonrpc": st.just("2.0"),
+            "id": st.integers(),
+            "method": st.sampled_from(sorted(rpc.PARAMS)),
+            "params": json_values,
+        }
+    )
+)
+def test_any_params_decode_without_raising(doc: dict[str, object]) -> None:
+    result = decode(doc)
+    assert isinstance(result, (rpc.Request, rpc.Response))
+
+
+uuids = st.uuids().map(str)
+cpusets = st.sets(st.integers(0, 255), min_size=1).map(cpus.format)
+
+
+@given(uuids, cpusets, st.integers() | st.text(max_size=10))
+def test_register_round_trip(uuid: str, cpuset: str, id_: int | str) -> None:
+    line = rpc.encode_request("registerCgroup", rpc.RegisterParams(uuid, cpuset), id_)
+    assert line.endswith(b"\n") and line.count(b"\n") == 1
+    assert rpc.decode_request(line[:-1]) == rpc.Request(
+        "registerCgroup", rpc.RegisterParams(uuid, cpuset), id_
+    )
+
+
+@given(st.lists(st.builds(rpc.InstanceInfo, uuids, st.text(), cpusets, st.integers(0, 9))))
+def test_list_result_round_trip(instances: list[rpc.InstanceInfo]) -> None:
+    line = rpc.encode_response(rpc.Response(1, result=rpc.ListResult(instances)))
+    assert rpc.decode_response(line, rpc.ListResult) == rpc.ListResult(instances)
+
+
+@given(st.integers(-32768, -32000), st.text())
+def test_error_round_trip(code: int, message: str) -> None:
+    line = rpc.encode_response(rpc.error(3, code, message))
+    with pytest.raises(rpc.RPCError) as e:
+        rpc.decode_response(line, rpc.HealthResult)
+    assert (e.value.code, e.value.message) == (code, message)
+
+
+@settings(max_examples=50)
+@given(
+    st.lists(st.binary(max_size=40).filter(lambda b: b"\n" not in b), max_size=8),
+    st.integers(1, 17),
+)
+async def test_line_reader_frames_whatever_the_chunking(lines: list[bytes], chunk: int) -> None:
+    send, receive = trio.testing.memory_stream_one_way_pair()
+    data = b"".join(line + b"\n" for line in lines)
+
+    async def writer() -> None:
+        for i in range(0, len(data), chunk):
+            await send.send_all(data[i : i + chunk])
+        await send.aclose()
+
+    got = []
+    async with trio.open_nursery() as n:
+        n.start_soon(writer)
+        reader = rpc.LineReader(receive)
+        while (line := await reader.readline()) is not None:
+            got.append(line)
+    assert got == lines
+
+
+async def test_line_reader_refuses_oversized_lines() -> None:
+    send, receive = trio.testing.memory_stream_one_way_pair()
+    await send.send_all(b"x" * (rpc.MAX_MESSAGE + 10))
+    with pytest.raises(ValueError, match="too large"):
+        await rpc.LineReader(receive).readline()

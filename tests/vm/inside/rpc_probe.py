@@ -1,0 +1,120 @@
+"""Runs as a pod's PID 1 (under podsim) and talks to the controller as that pod would:
+`probe` sends hostile requests and prints each answer; `bench` times registrations.
+
+Usage: rpc_probe.py probe SOCKET OTHER_POD_UID OTHER_POD_CPUS
+       rpc_probe.py bench SOCKET ROUNDS CONCURRENCY
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import trio
+
+from runner import kube, rpc
+
+
+def own_pod() -> kube.PodCgroup:
+    return kube.parse_pod_cgroup(kube.own_cgroup_path(Path("/proc/self/cpuset").read_text(), None))
+
+
+def exchange(path: str, payload: bytes, timeout: float = 10) -> dict | None:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    s.connect(path)
+    try:
+        s.sendall(payload)
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    except (ConnectionResetError, BrokenPipeError):
+        data = b""
+    finally:
+        s.close()
+    return json.loads(data) if data.strip() else None
+
+
+def request(method: str, params: object) -> bytes:
+    return (
+        json.dumps({"jsonrpc": "2.0", "method": method, "params": params, "id": 1}) + "\n"
+    ).encode()
+
+
+def probe(path: str, other_uid: str, other_cpus: str) -> None:
+    me = own_pod()
+    mine = Path(f"/sys/fs/cgroup{me.path}/cpuset.cpus").read_text().strip()
+    cases = {
+        "own registration": request("registerCgroup", {"uuid": me.pod_uid, "cpuset": mine}),
+        "idempotent again": request("registerCgroup", {"uuid": me.pod_uid, "cpuset": mine}),
+        "another pod's uid": request("registerCgroup", {"uuid": other_uid, "cpuset": other_cpus}),
+        "another pod's cpuset": request(
+            "registerCgroup", {"uuid": me.pod_uid, "cpuset": other_cpus}
+        ),
+        "outside the node": request("registerCgroup", {"uuid": me.pod_uid, "cpuset": "0-63"}),
+        "deregister another pod": request("deregisterCgroup", {"uuid": other_uid}),
+        "own deregistration": request("deregisterCgroup", {"uuid": me.pod_uid}),
+    }
+    for name, payload in cases.items():
+        print(json.dumps({"case": name, "answer": exchange(path, payload)}), flush=True)
+
+
+async def bench(path: str, rounds: int, concurrency: int) -> None:
+    me = own_pod()
+    cpuset = Path(f"/sys/fs/cgroup{me.path}/cpuset.cpus").read_text().strip()
+    params = rpc.RegisterParams(me.pod_uid, cpuset)
+
+    async def register() -> float:
+        start = time.perf_counter()
+        await rpc.call(path, "registerCgroup", params, rpc.RegisterResult)
+        return (time.perf_counter() - start) * 1000
+
+    sequential = []  # each round: a fresh registration (cgroup created), then removed
+    for _ in range(rounds):
+        sequential.append(await register())
+        await rpc.call(
+            path, "deregisterCgroup", rpc.DeregisterParams(me.pod_uid), rpc.DeregisterResult
+        )
+    await register()
+    concurrent: list[float] = []
+
+    async def one() -> None:
+        concurrent.append(await register())
+
+    for _ in range(max(1, rounds // concurrency)):
+        async with trio.open_nursery() as n:
+            for _ in range(concurrency):
+                n.start_soon(one)
+    await rpc.call(path, "deregisterCgroup", rpc.DeregisterParams(me.pod_uid), rpc.DeregisterResult)
+
+    def summary(xs: list[float]) -> dict[str, float]:
+        xs = sorted(xs)
+        return {
+            "n": len(xs),
+            "p50_ms": round(statistics.median(xs), 2),
+            "p99_ms": round(xs[min(len(xs) - 1, int(len(xs) * 0.99))], 2),
+            "max_ms": round(xs[-1], 2),
+        }
+
+    print(
+        json.dumps(
+            {
+                "sequential_fresh": summary(sequential),
+                f"concurrent_{concurrency}": summary(concurrent),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "probe":
+        probe(sys.argv[2], sys.argv[3], sys.argv[4])
+    else:
+        trio.run(bench, sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))

@@ -1,0 +1,333 @@
+"""The node controller with real runners under podsim: registration, float following
+kubelet, restarts, stale cgroups, and hostile input on its socket."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from .conftest import CG, Node, wait_for
+from .test_runner import INSTANCES, RUNNER, RunnerPod, assert_nothing_left, cpu_list, write_spec
+
+FLOAT = INSTANCES / "float"
+PROBE = str(Path(__file__).with_name("rpc_probe.py"))
+
+
+class Daemon:
+    def __init__(self, node: Node, tmp: Path) -> None:
+        self.node = node
+        self.socket = tmp / "ctl.sock"
+        self.log = tmp / "controller.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Daemon:
+        self.node.podsim("state")  # kubelet has written its state before the DaemonSet runs
+        self.proc = subprocess.Popen(
+            [
+                RUNNER,
+                "controller",
+                "--socket",
+                str(self.socket),
+                "--kubelet-dir",
+                str(self.node.kubelet),
+                "--idle-timeout",
+                "1",
+                "--resync-interval",
+                "2",
+            ],
+            stderr=open(self.log, "ab"),  # noqa: SIM115 - the daemon owns it
+        )
+        wait_for(
+            lambda: self.answers() or self.proc.poll() is not None,
+            what="the controller to answer",
+        )
+        assert self.proc.poll() is None, self.log.read_text()
+        return self
+
+    def answers(self) -> bool:
+        try:
+            return bool(self.call("health")["result"]["status"] == "ok")
+        except OSError:
+            return False
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        return self.proc.wait(timeout=20)
+
+    def call(self, method: str, params: object | None = None) -> dict:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(10)
+        s.connect(str(self.socket))
+        doc = {
+            "jsonrpc": "2.0",
+            "method": method,
+            "id": 1,
+            **({"params": params} if params is not None else {}),
+        }
+        s.sendall((json.dumps(doc) + "\n").encode())
+        data = b""
+        while not data.endswith(b"\n"):
+            data += s.recv(65536)
+        s.close()
+        return json.loads(data)
+
+
+@pytest.fixture
+def daemon(node: Node, tmp_path: Path) -> Iterator[Daemon]:
+    d = Daemon(node, tmp_path).start()
+    yield d
+    if d.proc is not None and d.proc.poll() is None:
+        assert d.stop() == 0
+    assert not d.socket.exists(), "the controller left its socket behind"
+
+
+def start(node: Node, tmp: Path, daemon: Daemon, cpus: str, name: str) -> RunnerPod:
+    work = tmp / name
+    work.mkdir()
+    spec = write_spec(work, vcpus=len(cpu_list(cpus)), name=name)
+    cmd = [
+        RUNNER,
+        "run",
+        "--spec",
+        str(spec),
+        "--run-dir",
+        str(work / "run"),
+        "--kubelet-dir",
+        str(node.kubelet),
+        "--shutdown-timeout",
+        "0",
+        "--controller-socket",
+        str(daemon.socket),
+        "--controller-timeout",
+        "20",
+    ]
+    return RunnerPod(node.start("--cpus", cpus, cmd=cmd), work / "run")
+
+
+def float_cpus() -> set[int]:
+    return cpu_list((FLOAT / "cpuset.cpus").read_text())
+
+
+def test_two_pods_register_concurrently_and_float_follows_kubelet(
+    node: Node, tmp_path: Path, daemon: Daemon
+) -> None:
+    a = start(node, tmp_path, daemon, "1", "a")
+    b = start(node, tmp_path, daemon, "2-3", "b")
+    ready_a, ready_b = a.wait_ready(), b.wait_ready()
+    assert cpu_list(node.state()["defaultCpuSet"]) == float_cpus() == {0}
+    for pod, ready, cpus in ((a, ready_a, {1}), (b, ready_b, {2, 3})):
+        instance = INSTANCES / f"instance-{pod.pod.uid}"
+        tids = [int(t) for t in (instance / "cgroup.threads").read_text().split()]
+        assert len(tids) == len(cpus)
+        assert set().union(*(os.sched_getaffinity(t) for t in tids)) == cpus
+        assert ready["instance_cgroup"] == f"/instances/instance-{pod.pod.uid}"
+
+    # podsim rewrites cpu_manager_state when pod a ends; float must follow within a second.
+    state_file = node.kubelet / "cpu_manager_state"
+    before = state_file.stat().st_mtime_ns
+    a.pod.proc.send_signal(signal.SIGTERM)
+    wait_for(lambda: state_file.stat().st_mtime_ns != before, what="podsim to release CPU 1")
+    released = time.monotonic()
+    wait_for(lambda: 1 in float_cpus(), timeout=5, what="float to get CPU 1 back")
+    assert time.monotonic() - released < 1.0
+    assert a.finish()[0] == 0
+    assert float_cpus() == {0, 1}
+    assert b.pod.terminate() == 0
+    assert_nothing_left(a.pod.uid)
+    assert_nothing_left(b.pod.uid)
+    log = daemon.log.read_text()
+    assert '"event": "float-cpus"' in log and '"event": "instance-deregistered"' in log
+
+
+def test_restart_leaves_running_instances_alone(node: Node, tmp_path: Path, daemon: Daemon) -> None:
+    pod = start(node, tmp_path, daemon, "1-2", "r")
+    pod.wait_ready()
+    instance = INSTANCES / f"instance-{pod.pod.uid}"
+    before = {
+        int(t): os.sched_getaffinity(int(t))
+        for t in (instance / "cgroup.threads").read_text().split()
+    }
+    float_before = float_cpus()
+    assert daemon.stop(signal.SIGKILL) == -signal.SIGKILL
+    assert daemon.socket.exists()  # a killed controller cannot clean up: the next one must
+    daemon.start()
+    health = daemon.call("health")["result"]
+    assert health == {"status": "ok", "float_cpus": "0,3", "instances": 1}
+    listed = daemon.call("listInstances")["result"]["instances"]
+    assert [(i["uuid"], i["threads"]) for i in listed] == [(pod.pod.uid, 2)]
+    after = {
+        int(t): os.sched_getaffinity(int(t))
+        for t in (instance / "cgroup.threads").read_text().split()
+    }
+    assert after == before and float_cpus() == float_before
+    assert pod.pod.terminate() == 0  # deregistration through the new controller
+    assert_nothing_left(pod.pod.uid)
+    assert '"event": "instance-deregistered"' in daemon.log.read_text()
+
+
+def test_stale_instance_of_a_killed_runner_is_removed(
+    node: Node, tmp_path: Path, daemon: Daemon
+) -> None:
+    pod = start(node, tmp_path, daemon, "2", "k")
+    pod.wait_ready()
+    instance = INSTANCES / f"instance-{pod.pod.uid}"
+    os.kill(pod.runner_pid(), signal.SIGKILL)  # the pod dies; nothing deregisters
+    code, _ = pod.finish()
+    assert code == 137
+    assert pod.pod.uid not in node.state().get("entries", {})
+    wait_for(lambda: not instance.exists(), timeout=5, what="the stale instance's removal")
+    assert "stale: pod gone" in daemon.log.read_text()
+    assert 2 in float_cpus()
+
+
+def test_hostile_input_is_answered_and_others_are_served(
+    node: Node, tmp_path: Path, daemon: Daemon
+) -> None:
+    other = node.start("--cpus", "3").wait_ready()
+    # From inside a pod: another pod's uid, cpuset, CPUs outside the node.
+    prober = node.start(
+        "--cpus", "1", cmd=[sys.executable, PROBE, "probe", str(daemon.socket), other.uid, "3"]
+    )
+    out, err = prober.proc.communicate(timeout=60)
+    assert prober.proc.returncode == 0, err
+    answers = {r["case"]: r["answer"] for r in map(json.loads, out.splitlines())}
+    assert answers["own registration"]["result"]["cgroup_path"].startswith("/instances/instance-")
+    assert answers["idempotent again"]["result"] == answers["own registration"]["result"]
+    for case in (
+        "another pod's uid",
+        "another pod's cpuset",
+        "outside the node",
+        "deregister another pod",
+    ):
+        assert answers[case]["error"]["code"] == -32001, (case, answers[case])
+    assert answers["own deregistration"]["result"] == {"removed": True}
+
+    # From outside any pod: malformed and hostile messages.
+    def raw(payload: bytes) -> dict | None:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(10)
+        s.connect(str(daemon.socket))
+        try:
+            s.sendall(payload)
+            data = s.recv(65536)
+        except (ConnectionResetError, BrokenPipeError):
+            data = b""
+        s.close()
+        return json.loads(data) if data.strip() else None
+
+    cases = {
+        b"{nope\n": -32700,
+        b'[{"jsonrpc":"2.0","method":"health","id":1}]\n': -32600,
+        b'{"jsonrpc":"2.0","method":"registerCgroup","id":1,"params":{"uuid":1,"cpuset":2}}'
+        b"\n": -32602,
+        b'{"jsonrpc":"2.0","method":"format_disk","id":1}\n': -32601,
+        b'{"jsonrpc":"2.0","method":"registerCgroup","id":1,"params":{"uuid":"../../etc",'
+        b'"cpuset":"1"}}\n': -32602,
+        b'{"jsonrpc":"2.0","method":"registerCgroup","id":1,"params":{"uuid":"'
+        + other.uid.encode()
+        + b'","cpuset":"3"}}\n': -32001,
+    }
+    for payload, code in cases.items():
+        answer = raw(payload)
+        assert answer is not None and answer["error"]["code"] == code, (payload[:60], answer)
+    # 1 MiB: answered "too large" and closed; a sender still writing sees the close instead.
+    huge = raw(b"x" * (1024 * 1024) + b"\n")
+    assert huge is None or huge["error"]["code"] == -32004
+    assert '"event": "message-too-large"' in daemon.log.read_text()
+    assert not (CG / "etc").exists() and not (INSTANCES / "instance-../../etc").exists()
+
+    # A silent client is dropped after the idle timeout, and does not block anyone meanwhile.
+    silent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    silent.connect(str(daemon.socket))
+    start_t = time.monotonic()
+    assert daemon.call("health")["result"]["status"] == "ok"
+    assert time.monotonic() - start_t < 0.5
+    silent.settimeout(5)
+    assert silent.recv(1) == b""  # closed by the controller
+    silent.close()
+
+    # 200 connections at once, every one answered.
+    conns = []
+    for _ in range(200):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(20)
+        s.connect(str(daemon.socket))
+        conns.append(s)
+    for s in conns:
+        s.sendall(b'{"jsonrpc":"2.0","method":"health","id":1}\n')
+    answered = 0
+    for s in conns:
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+        answered += json.loads(data)["result"]["status"] == "ok"
+        s.close()
+    assert answered == 200
+    assert daemon.proc is not None and daemon.proc.poll() is None
+    assert other.terminate() == 0
+
+
+def test_refuses_a_live_socket_and_a_non_socket(node: Node, tmp_path: Path, daemon: Daemon) -> None:
+    second = subprocess.run(
+        [RUNNER, "controller", "--socket", str(daemon.socket), "--kubelet-dir", str(node.kubelet)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert second.returncode == 1
+    assert "another controller is serving" in second.stderr
+    assert daemon.socket.exists()
+    plain = tmp_path / "plain-file"
+    plain.write_text("x")
+    third = subprocess.run(
+        [RUNNER, "controller", "--socket", str(plain)], capture_output=True, text=True, timeout=30
+    )
+    assert third.returncode == 1 and "is not a socket" in third.stderr
+    assert oct(daemon.socket.stat().st_mode & 0o777) == "0o660"
+
+
+def test_runner_gives_up_on_an_absent_controller(node: Node, tmp_path: Path) -> None:
+    spec = write_spec(tmp_path, vcpus=1)
+    cmd = [
+        RUNNER,
+        "run",
+        "--spec",
+        str(spec),
+        "--run-dir",
+        str(tmp_path / "run"),
+        "--controller-socket",
+        str(tmp_path / "absent.sock"),
+        "--controller-timeout",
+        "2",
+    ]
+    pod = node.start("--cpus", "1", cmd=cmd)
+    _out, err = pod.proc.communicate(timeout=60)
+    assert pod.proc.returncode == 1
+    errors = [json.loads(line) for line in err.splitlines() if '"level": "error"' in line]
+    assert len(errors) == 1 and "no answer from the controller" in errors[0]["error"]
+    assert_nothing_left(pod.uid)
+
+
+def test_bench_registration_latency(node: Node, tmp_path: Path, daemon: Daemon) -> None:
+    """Not a timing assertion: prints the numbers (p50/p99) for the record."""
+    bench = node.start(
+        "--cpus", "1", cmd=[sys.executable, PROBE, "bench", str(daemon.socket), "100", "50"]
+    )
+    out, err = bench.proc.communicate(timeout=300)
+    assert bench.proc.returncode == 0, err
+    result = json.loads(out.strip().splitlines()[-1])
+    print(f"\nregistration latency: {result}")
+    assert result["sequential_fresh"]["n"] == 100 and result["concurrent_50"]["n"] == 100
