@@ -1,8 +1,11 @@
-"""Command line of instance-runner; every option can also come from the environment."""
+"""Command line of instance-runner; every option can also come from the environment
+(INSTANCE_RUNNER_<OPTION>): containers are configured with env."""
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import click
 import trio
@@ -11,11 +14,63 @@ from runner import __version__
 from runner.log import log
 from runner.supervisor import STEPS, Options, Supervisor
 
-ENV = "INSTANCE_RUNNER_"
+F = TypeVar("F", bound=Callable[..., Any])
 
 
-def env(name: str) -> str:
-    return ENV + name
+def option(*decls: str, env: str, **kw: Any) -> Callable[[F], F]:
+    return click.option(*decls, envvar=f"INSTANCE_RUNNER_{env}", show_envvar=True, **kw)
+
+
+def seconds(name: str, default: float, help: str, minimum: float = 0.1) -> Callable[[F], F]:
+    return option(
+        f"--{name}",
+        env=name.upper().replace("-", "_"),
+        default=default,
+        type=click.FloatRange(min=minimum),
+        metavar="SECONDS",
+        help=help,
+    )
+
+
+def node_options(f: F) -> F:
+    """Where the node's cgroups and kubelet's state are: shared by runner and controller."""
+    for decorator in reversed(
+        [
+            option(
+                "--cgroup-root",
+                env="CGROUP_ROOT",
+                default="/sys/fs/cgroup/instances",
+                help="Directory holding float/ and instance-<pod uid>/.",
+            ),
+            option(
+                "--cgroup-mount",
+                env="CGROUP_MOUNT",
+                default="/sys/fs/cgroup",
+                help="Where the cgroup v2 hierarchy is mounted.",
+            ),
+            option(
+                "--kubelet-dir",
+                env="KUBELET_DIR",
+                default="/var/lib/kubelet",
+                help="kubelet's state directory; float follows its cpu_manager_state.",
+            ),
+            option(
+                "--log-format",
+                env="LOG_FORMAT",
+                type=click.Choice(["json", "text"]),
+                default="json",
+                help="Logs on stderr: JSON lines, or text for people.",
+            ),
+            option(
+                "--log-level",
+                env="LOG_LEVEL",
+                default="info",
+                type=click.Choice(["debug", "info", "warning", "error"]),
+            ),
+        ]
+    ):
+        f = decorator(f)
+    return f
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -29,122 +84,45 @@ def cli() -> None:
 
 
 @cli.command()
-@click.option(
-    "--spec",
-    "spec_path",
-    required=True,
-    envvar=env("SPEC"),
-    show_envvar=True,
-    metavar="FILE",
-    help="Instance spec (JSON).",
+@option(
+    "--spec", "spec_path", env="SPEC", required=True, metavar="FILE", help="Instance spec (JSON)."
 )
-@click.option(
-    "--cgroup-root",
-    default="/sys/fs/cgroup/instances",
-    envvar=env("CGROUP_ROOT"),
-    show_envvar=True,
-    help="Directory holding float/ and instance-<pod uid>/.",
-)
-@click.option(
-    "--cgroup-mount",
-    default="/sys/fs/cgroup",
-    envvar=env("CGROUP_MOUNT"),
-    show_envvar=True,
-    help="Where the cgroup v2 hierarchy is mounted.",
-)
-@click.option(
-    "--kubelet-dir",
-    default="/var/lib/kubelet",
-    envvar=env("KUBELET_DIR"),
-    show_envvar=True,
-    help="kubelet's state directory; float follows its cpu_manager_state.",
-)
-@click.option(
+@node_options
+@option(
     "--run-dir",
+    env="RUN_DIR",
     default="/run/instance-runner",
-    envvar=env("RUN_DIR"),
-    show_envvar=True,
     help="Where the readiness file 'ready' is written.",
 )
-@click.option(
-    "--shutdown-timeout",
-    default=30.0,
-    type=click.FloatRange(min=0),
-    envvar=env("SHUTDOWN_TIMEOUT"),
-    show_envvar=True,
-    metavar="SECONDS",
-    help="How long the guest gets to power off before QEMU is told to quit.",
+@seconds(
+    "shutdown-timeout",
+    30.0,
+    "How long the guest gets to power off before QEMU is told to quit.",
+    minimum=0,
 )
-@click.option(
-    "--qmp-timeout",
-    default=30.0,
-    type=click.FloatRange(min=0.1),
-    envvar=env("QMP_TIMEOUT"),
-    show_envvar=True,
-    metavar="SECONDS",
-    help="Deadline for QEMU to answer on QMP at start-up.",
-)
-@click.option(
+@seconds("qmp-timeout", 30.0, "Deadline for QEMU to answer on QMP at start-up.")
+@option(
     "--allow-spare-cpus",
+    env="ALLOW_SPARE_CPUS",
     is_flag=True,
-    envvar=env("ALLOW_SPARE_CPUS"),
-    show_envvar=True,
     help="Accept fewer vCPUs than dedicated CPUs.",
 )
-@click.option(
-    "--log-format",
-    type=click.Choice(["json", "text"]),
-    default="json",
-    envvar=env("LOG_FORMAT"),
-    show_envvar=True,
-    help="Logs on stderr.",
-)
-@click.option(
-    "--log-level",
-    type=click.Choice(["debug", "info", "warning", "error"]),
-    default="info",
-    envvar=env("LOG_LEVEL"),
-    show_envvar=True,
-)
-@click.option(
+@option(
     "--controller-socket",
-    envvar=env("CONTROLLER_SOCKET"),
-    show_envvar=True,
+    env="CONTROLLER_SOCKET",
     metavar="PATH",
-    help="Get the cgroups from the node controller at this socket "
-    "(default: the runner makes them itself).",
+    help="Get the cgroups from the node controller at this socket (default: the runner "
+    "makes them itself).",
 )
-@click.option(
-    "--controller-timeout",
-    default=30.0,
-    type=click.FloatRange(min=0.1),
-    envvar=env("CONTROLLER_TIMEOUT"),
-    show_envvar=True,
-    metavar="SECONDS",
-    help="How long to keep retrying the controller before giving up.",
-)
-@click.option(
+@seconds("controller-timeout", 30.0, "How long to keep retrying the controller.")
+@option(
     "--pause-before",
+    env="PAUSE_BEFORE",
     type=click.Choice(STEPS),
-    envvar=env("PAUSE_BEFORE"),
     hidden=True,
     help="Testing: wait before this start-up step.",
 )
-def run(
-    spec_path: str,
-    cgroup_root: str,
-    cgroup_mount: str,
-    kubelet_dir: str,
-    run_dir: str,
-    shutdown_timeout: float,
-    qmp_timeout: float,
-    allow_spare_cpus: bool,
-    log_format: str,
-    log_level: str,
-    controller_socket: str | None,
-    controller_timeout: float,
-    pause_before: str | None,
-) -> None:
+def run(log_format: str, log_level: str, **kw: Any) -> None:
     """Start the instance and keep its vCPUs pinned until SIGTERM or the guest's end.
 
     QEMU starts paused; each vCPU thread moves to the instance cgroup and is pinned to one of
@@ -152,96 +130,21 @@ def run(
     cgroup. SIGTERM powers the guest off and undoes every step.
     """
     log.configure(log_format, log_level)  # type: ignore[arg-type]
-    opts = Options(
-        spec_path=spec_path,
-        cgroup_root=cgroup_root,
-        cgroup_mount=cgroup_mount,
-        kubelet_dir=kubelet_dir,
-        run_dir=run_dir,
-        shutdown_timeout=shutdown_timeout,
-        qmp_timeout=qmp_timeout,
-        allow_spare_cpus=allow_spare_cpus,
-        controller_socket=controller_socket,
-        controller_timeout=controller_timeout,
-        pause_before=pause_before,
-    )
-    sys.exit(trio.run(Supervisor(opts).run))
+    sys.exit(trio.run(Supervisor(Options(**kw)).run))
 
 
 @cli.command()
-@click.option(
+@option(
     "--socket",
-    "socket_path",
+    env="CONTROLLER_SOCKET",
     default="/run/instance-runner/controller.sock",
-    envvar=env("CONTROLLER_SOCKET"),
-    show_envvar=True,
     metavar="PATH",
     help="Unix socket to serve JSON-RPC on (mode 0660).",
 )
-@click.option(
-    "--cgroup-root",
-    default="/sys/fs/cgroup/instances",
-    envvar=env("CGROUP_ROOT"),
-    show_envvar=True,
-    help="Directory holding float/ and instance-<pod uid>/.",
-)
-@click.option(
-    "--cgroup-mount",
-    default="/sys/fs/cgroup",
-    envvar=env("CGROUP_MOUNT"),
-    show_envvar=True,
-    help="Where the cgroup v2 hierarchy is mounted.",
-)
-@click.option(
-    "--kubelet-dir",
-    default="/var/lib/kubelet",
-    envvar=env("KUBELET_DIR"),
-    show_envvar=True,
-    help="kubelet's state directory (cpu_manager_state).",
-)
-@click.option(
-    "--idle-timeout",
-    default=10.0,
-    type=click.FloatRange(min=0.1),
-    envvar=env("IDLE_TIMEOUT"),
-    show_envvar=True,
-    metavar="SECONDS",
-    help="A connection that sends nothing for this long is closed.",
-)
-@click.option(
-    "--resync-interval",
-    default=10.0,
-    type=click.FloatRange(min=0.1),
-    envvar=env("RESYNC_INTERVAL"),
-    show_envvar=True,
-    metavar="SECONDS",
-    help="Reconcile at least this often, whatever the events.",
-)
-@click.option(
-    "--log-format",
-    type=click.Choice(["json", "text"]),
-    default="json",
-    envvar=env("LOG_FORMAT"),
-    show_envvar=True,
-    help="Logs on stderr.",
-)
-@click.option(
-    "--log-level",
-    type=click.Choice(["debug", "info", "warning", "error"]),
-    default="info",
-    envvar=env("LOG_LEVEL"),
-    show_envvar=True,
-)
-def controller(
-    socket_path: str,
-    cgroup_root: str,
-    cgroup_mount: str,
-    kubelet_dir: str,
-    idle_timeout: float,
-    resync_interval: float,
-    log_format: str,
-    log_level: str,
-) -> None:
+@node_options
+@seconds("idle-timeout", 10.0, "A connection that sends nothing for this long is closed.")
+@seconds("resync-interval", 10.0, "Reconcile at least this often, whatever the events.")
+def controller(log_format: str, log_level: str, **kw: Any) -> None:
     """Run the node's instance cgroup controller (a DaemonSet on every worker).
 
     Owns <root>/float and <root>/instance-<pod uid>. Runners register over JSON-RPC 2.0
@@ -251,15 +154,7 @@ def controller(
     from runner.controller import Controller, ControllerOptions
 
     log.configure(log_format, log_level)  # type: ignore[arg-type]
-    opts = ControllerOptions(
-        socket=socket_path,
-        cgroup_root=cgroup_root,
-        cgroup_mount=cgroup_mount,
-        kubelet_dir=kubelet_dir,
-        idle_timeout=idle_timeout,
-        resync_interval=resync_interval,
-    )
-    sys.exit(trio.run(Controller(opts).run))
+    sys.exit(trio.run(Controller(ControllerOptions(**kw)).run))
 
 
 def main() -> None:

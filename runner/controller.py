@@ -457,7 +457,10 @@ class Controller:
 
     async def open_socket(self) -> trio.SocketListener:
         path = Path(self.opts.socket)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ControllerError(f"cannot create {path.parent}: {e.strerror}") from None
         if path.exists() or path.is_symlink():
             if not stat.S_ISSOCK(path.lstat().st_mode):
                 raise ControllerError(f"{path} exists and is not a socket")
@@ -475,9 +478,13 @@ class Controller:
         old = os.umask(0o117)  # the socket is born 0660: no window with a wider mode
         try:
             await sock.bind(str(path))
+            sock.listen(512)
+        except OSError as e:
+            sock.close()
+            hint = " (at most 107 bytes)" if len(str(path).encode()) > 107 else ""
+            raise ControllerError(f"cannot serve on {path}: {e.strerror or e}{hint}") from None
         finally:
             os.umask(old)
-        sock.listen(512)
         return trio.SocketListener(sock)
 
     async def run(self) -> int:

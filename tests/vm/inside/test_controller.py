@@ -25,7 +25,8 @@ PROBE = str(Path(__file__).with_name("rpc_probe.py"))
 class Daemon:
     def __init__(self, node: Node, tmp: Path) -> None:
         self.node = node
-        self.socket = tmp / "ctl.sock"
+        # Short and fixed-length: AF_UNIX paths are limited to 107 bytes, tmp paths are not.
+        self.socket = Path(f"/run/ctl-{os.getpid()}-{id(self):x}.sock")
         self.log = tmp / "controller.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -297,6 +298,13 @@ def test_refuses_a_live_socket_and_a_non_socket(node: Node, tmp_path: Path, daem
     )
     assert third.returncode == 1 and "is not a socket" in third.stderr
     assert oct(daemon.socket.stat().st_mode & 0o777) == "0o660"
+    long_path = "/run/" + "x" * 120 + ".sock"
+    fourth = subprocess.run(
+        [RUNNER, "controller", "--socket", long_path], capture_output=True, text=True, timeout=30
+    )
+    assert fourth.returncode == 1
+    errors = [line for line in fourth.stderr.splitlines() if '"level": "error"' in line]
+    assert len(errors) == 1 and "at most 107 bytes" in errors[0], fourth.stderr
 
 
 def test_runner_gives_up_on_an_absent_controller(node: Node, tmp_path: Path) -> None:
