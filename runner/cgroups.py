@@ -80,7 +80,10 @@ class CgroupFS:
         delegate cpuset to it."""
         parent = str(Path(cgroup).parent)
         self.enable(parent, "cpuset")
-        self.dir(cgroup).mkdir(exist_ok=True)
+        try:
+            self.dir(cgroup).mkdir(exist_ok=True)
+        except OSError as e:
+            raise CgroupError(f"cannot create {self.dir(cgroup)}: {e.strerror}") from None
         self.enable(cgroup, "cpuset")
 
     def make_threaded(self, cgroup: str, cpu_set: CpuSet) -> bool:
@@ -117,7 +120,10 @@ class CgroupFS:
 
     def children(self, cgroup: str) -> list[str]:
         d = self.dir(cgroup)
-        return sorted(f"{cgroup.rstrip('/')}/{p.name}" for p in d.iterdir() if p.is_dir())
+        try:
+            return sorted(f"{cgroup.rstrip('/')}/{p.name}" for p in d.iterdir() if p.is_dir())
+        except OSError as e:
+            raise CgroupError(f"cannot list {d}: {e.strerror}") from None
 
     async def remove(self, cgroup: str, attempts: int = 10, delay: float = 0.2) -> None:
         """rmdir, retrying while the kernel still counts exiting tasks (EBUSY)."""

@@ -96,8 +96,9 @@ def cli() -> None:
 )
 @seconds(
     "shutdown-timeout",
-    30.0,
-    "How long the guest gets to power off before QEMU is told to quit.",
+    20.0,
+    "How long the guest gets to power off before QEMU is told to quit. Stopping takes at "
+    "most this + 4 s: keep the pod's grace period above that.",
     minimum=0,
 )
 @seconds("qmp-timeout", 30.0, "Deadline for QEMU to answer on QMP at start-up.")

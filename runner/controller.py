@@ -33,6 +33,8 @@ STATE_FILE = "cpu_manager_state"
 # pod, its leaving cpu_manager_state says the pod is gone; if kubelet does not (no static
 # policy), only time can tell the pinning window from a dead runner.
 REGISTRATION_GRACE = 60.0
+# One pod cannot crowd out the others (a runner needs one connection at a time).
+MAX_CONNECTIONS_PER_CALLER = 32
 
 
 @attrs.frozen(kw_only=True)
@@ -86,6 +88,8 @@ class DirWatch:
 
     IN_CLOSE_WRITE, IN_MOVED_FROM, IN_MOVED_TO = 0x8, 0x40, 0x80
     IN_CREATE, IN_DELETE, IN_NONBLOCK, IN_CLOEXEC = 0x100, 0x200, 0o4000, 0o2000000
+    IN_Q_OVERFLOW = 0x4000
+    OVERFLOW = b"*"  # stands for "events were lost: assume anything changed"
 
     def __init__(self, directory: str) -> None:
         libc = ctypes.CDLL(None, use_errno=True)
@@ -104,17 +108,21 @@ class DirWatch:
             os.close(self.fd)
             raise OSError(err, f"inotify_add_watch {directory}: {os.strerror(err)}")
 
-    async def changes(self) -> AsyncIterator[set[str]]:
+    async def changes(self) -> AsyncIterator[set[bytes]]:
         while True:
             await trio.lowlevel.wait_readable(self.fd)
             try:
                 data = os.read(self.fd, 65536)
             except BlockingIOError:
                 continue
-            names, offset = set(), 0
+            names: set[bytes] = set()
+            offset = 0
             while offset + 16 <= len(data):
-                _wd, _mask, _cookie, length = struct.unpack_from("iIII", data, offset)
-                names.add(data[offset + 16 : offset + 16 + length].rstrip(b"\0").decode())
+                _wd, mask, _cookie, length = struct.unpack_from("iIII", data, offset)
+                if mask & self.IN_Q_OVERFLOW:
+                    names.add(self.OVERFLOW)
+                # Bytes, not str: a file name need not be UTF-8.
+                names.add(data[offset + 16 : offset + 16 + length].rstrip(b"\0"))
                 offset += 16 + length
             yield names
 
@@ -132,6 +140,7 @@ class Controller:
         self.float = ""
         self._wake = trio.Event()
         self._registered_at: dict[str, float] = {}
+        self._open: dict[int | None, int] = {}  # open connections per caller pid
 
     # --- topology ------------------------------------------------------------------------------
 
@@ -160,6 +169,8 @@ class Controller:
             self.cg.make_threaded(self.float, want or self.online - live)
         except CgroupError as e:
             raise ControllerError(str(e)) from None
+        except OSError as e:
+            raise ControllerError(f"cannot set up {self.opts.cgroup_root}: {e}") from None
         log.info(
             "topology-ready",
             root=self.root,
@@ -271,8 +282,14 @@ class Controller:
             return
         try:
             async for names in watch.changes():
-                if STATE_FILE in names:
+                if STATE_FILE.encode() in names or DirWatch.OVERFLOW in names:
                     self.poke()
+        except Exception as e:  # losing the watch only slows float down to the resync pace
+            log.error(
+                "kubelet-watch-failed",
+                error=f"{type(e).__name__}: {e}",
+                fallback=f"resync every {self.opts.resync_interval:g} s",
+            )
         finally:
             watch.close()
 
@@ -318,7 +335,9 @@ class Controller:
         state = self._kubelet_state()
         if isinstance(state, kube.KubeletState):
             allocated = state.pod_cpus(p.uuid)
-            if allocated and allocated != wanted:
+            # Under the static policy only kubelet hands out exclusive CPUs: no entry, no claim.
+            exclusive = state.policy == "static"
+            if (exclusive or allocated) and allocated != wanted:
                 raise rpc.RPCError(
                     rpc.FORBIDDEN,
                     f"cpuset {cpus.format(wanted)} is not the "
@@ -377,7 +396,14 @@ class Controller:
             if not self.cg.exists(path):
                 return rpc.DeregisterResult(False)
             try:
-                await self.cg.remove(path, attempts=10, delay=0.1)
+                threads = len(self.cg.threads(path))
+            except CgroupError:
+                threads = 0  # removed under us: rmdir below settles it
+            if threads:
+                # Answer now: sleeping here would hold every other caller behind the lock.
+                raise rpc.RPCError(rpc.BUSY, f"instance {p.uuid} still holds {threads} threads")
+            try:
+                await self.cg.remove(path, attempts=5, delay=0.05)
             except CgroupError as e:
                 raise rpc.RPCError(
                     rpc.BUSY, f"instance {p.uuid} still holds threads: {e}"
@@ -400,10 +426,13 @@ class Controller:
             "ok", cpus.format(self.cg.cpus(self.float, effective=False)), len(self.instances())
         )
 
-    async def dispatch(self, pid: int | None, line: bytes) -> rpc.Response:
+    async def dispatch(self, pid: int | None, line: bytes) -> rpc.Response | None:
         req = rpc.decode_request(line)
         if isinstance(req, rpc.Response):
             return req
+        if isinstance(req, rpc.Notification):
+            log.warning("notification-ignored", method=req.method, pid=pid)
+            return None
         handlers: dict[str, Callable[[int | None, Any], Awaitable[object]]] = {
             "registerCgroup": self.register,
             "deregisterCgroup": self.deregister,
@@ -424,6 +453,19 @@ class Controller:
             pid: int | None = peer_pid(stream.socket)  # type: ignore[arg-type]
         except OSError:
             pid = None
+        if self._open.get(pid, 0) >= MAX_CONNECTIONS_PER_CALLER:
+            log.warning("connection-refused", pid=pid, reason="too many open connections")
+            await stream.aclose()
+            return
+        self._open[pid] = self._open.get(pid, 0) + 1
+        try:
+            await self._serve(stream, pid)
+        finally:
+            self._open[pid] -= 1
+            if not self._open[pid]:
+                del self._open[pid]
+
+    async def _serve(self, stream: trio.SocketStream, pid: int | None) -> None:
         reader = rpc.LineReader(stream)
         async with stream:
             try:
@@ -438,8 +480,13 @@ class Controller:
                     if line is None:
                         return
                     response = await self.dispatch(pid, line)
-                    with trio.move_on_after(self.opts.idle_timeout):
+                    if response is None:
+                        continue
+                    with trio.move_on_after(self.opts.idle_timeout) as sending:
                         await stream.send_all(rpc.encode_response(response))
+                    if sending.cancelled_caught:
+                        log.debug("connection-stalled", pid=pid)
+                        return  # half a response is on the wire: this stream is done
             except ValueError:
                 log.warning("message-too-large", pid=pid, limit=rpc.MAX_MESSAGE)
                 with trio.move_on_after(1), contextlib.suppress(trio.BrokenResourceError):

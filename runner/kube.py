@@ -23,6 +23,9 @@ _STATIC_UID = re.compile(r"^[0-9a-f]{32}$")  # static (mirror) pods: a hash, no 
 # kubelet cgroup root the same names behind a longer prefix ("kubelet-kubepods-pod….slice").
 _SYSTEMD_POD = re.compile(r"^(?:[a-z0-9_.-]+-)?pod([0-9a-f_]{32,36})\.slice$")
 _CGROUPFS_POD = re.compile(r"^pod([0-9a-f-]{32,36})$")
+# kubelet's pods live under its "kubepods" cgroup ("kubepods", "kubepods.slice", or behind a
+# custom root, "kubelet-kubepods.slice"); a pod-like name anywhere else is not a pod.
+_KUBEPODS = re.compile(r"^(?:[a-z0-9_.-]+-)?kubepods(?:[.-].*)?$")
 _CONTAINER = [
     (re.compile(r"^cri-containerd-([0-9a-f]{64})\.scope$"), "containerd"),
     (re.compile(r"^crio-([0-9a-f]{64})(?:\.scope)?$"), "crio"),
@@ -70,6 +73,8 @@ def parse_pod_cgroup(path: str) -> PodCgroup:
             driver = "cgroupfs"
         else:
             continue
+        if not any(_KUBEPODS.match(p) for p in parts[:i]):
+            raise KubeError(f"cgroup path {path!r} names a pod outside kubelet's kubepods tree")
         uid = normalise_uid(m.group(1))
         if uid is None:
             raise KubeError(f"cgroup path {path!r}: {part!r} holds no valid pod UID")

@@ -33,7 +33,8 @@ def shared_cpus(
     """float's CPUs: kubelet's defaultCpuSet when it has one (policy "none" writes ""), else
     every online CPU that no instance holds."""
     if kubelet is not None and kubelet.default_cpus:
-        return kubelet.default_cpus
+        # kubelet's pool, less what another instance still holds (its state can lag).
+        return kubelet.default_cpus - other_instances
     return online - instance - other_instances
 
 

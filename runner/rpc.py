@@ -124,10 +124,20 @@ def error(id_: Id, code: int, message: str) -> Response:
     return Response(id=id_, error=ErrorObject(code, message))
 
 
-def decode_request(line: bytes) -> Request | Response:
-    """A request, or the error response that answers a malformed one."""
+@attrs.frozen
+class Notification:
+    """A request without an id: JSON-RPC 2.0 forbids answering it. None is supported, so it
+    is logged and dropped."""
+
+    method: str
+
+
+def decode_request(line: bytes) -> Request | Response | Notification:
+    """A request, the error response that answers a malformed one, or a notification."""
     try:
         doc = json.loads(line)
+    except RecursionError:
+        return error(None, PARSE_ERROR, "parse error: nested too deeply")
     except (ValueError, UnicodeDecodeError) as e:
         return error(None, PARSE_ERROR, f"parse error: {e}")
     if isinstance(doc, list):
@@ -138,12 +148,10 @@ def decode_request(line: bytes) -> Request | Response:
     id_: Id = raw_id if type(raw_id) in (int, str) or raw_id is None else None
     if doc.get("jsonrpc") != VERSION:
         return error(id_, INVALID_REQUEST, 'invalid request: "jsonrpc" must be "2.0"')
-    if type(raw_id) not in (int, str) or "id" not in doc:
-        return error(
-            None,
-            INVALID_REQUEST,
-            "invalid request: id must be a string or integer (notifications are not supported)",
-        )
+    if "id" not in doc and isinstance(doc.get("method"), str):
+        return Notification(doc["method"])
+    if type(raw_id) not in (int, str):
+        return error(None, INVALID_REQUEST, "invalid request: id must be a string or integer")
     method = doc.get("method")
     if not isinstance(method, str):
         return error(id_, INVALID_REQUEST, "invalid request: method must be a string")
@@ -177,17 +185,22 @@ def encode_response(resp: Response) -> bytes:
     return (json.dumps(doc, separators=(",", ":")) + "\n").encode()
 
 
-def decode_response(line: bytes, result_type: type) -> Any:
-    """The result of a response line, or RPCError."""
+def decode_response(line: bytes, result_type: type, id_: Id = None) -> Any:
+    """The result of a response line (to request `id_`, when given), or RPCError."""
     try:
         doc = json.loads(line)
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:
         raise RPCError(PARSE_ERROR, f"unreadable response: {e}") from None
     if not isinstance(doc, dict) or doc.get("jsonrpc") != VERSION:
         raise RPCError(INVALID_REQUEST, "not a JSON-RPC 2.0 response")
     if "error" in doc:
         err = doc["error"] if isinstance(doc["error"], dict) else {}
-        raise RPCError(int(err.get("code", INTERNAL_ERROR)), str(err.get("message", "error")))
+        code = err.get("code")
+        raise RPCError(
+            code if type(code) is int else INTERNAL_ERROR, str(err.get("message", "error"))
+        )
+    if id_ is not None and doc.get("id") != id_:
+        raise RPCError(INVALID_REQUEST, f"response to request {doc.get('id')!r}, not {id_!r}")
     try:
         return converter.structure(doc.get("result"), result_type)
     except Exception as e:
@@ -231,4 +244,4 @@ async def call(
             line = await LineReader(stream).readline()
     if line is None:
         raise RPCError(INTERNAL_ERROR, "the controller closed the connection")
-    return decode_response(line, result_type)
+    return decode_response(line, result_type, 1)

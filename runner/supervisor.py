@@ -8,7 +8,7 @@ before the instance was running.
 
 from __future__ import annotations
 
-import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -34,6 +34,9 @@ from runner.qmp import QMP, QMPError
 
 STEPS = ("anchor", "cgroups", "float", "qemu", "qmp", "pin", "cont")
 KVM_GET_API_VERSION = 0xAE00
+# After the guest's shutdown timeout: this long for QEMU to `quit`, then SIGKILL. Stopping takes
+# at most shutdown-timeout + QUIT_GRACE + a second: keep the pod's grace period above that.
+QUIT_GRACE = 3.0
 
 
 class StartupError(Exception):
@@ -47,7 +50,7 @@ class Options:
     cgroup_root: str = "/sys/fs/cgroup/instances"
     kubelet_dir: str = "/var/lib/kubelet"
     run_dir: str = "/run/instance-runner"
-    shutdown_timeout: float = 30.0
+    shutdown_timeout: float = 20.0
     qmp_timeout: float = 30.0
     allow_spare_cpus: bool = False
     controller_socket: str | None = None  # None: embedded mode, the runner makes its cgroups
@@ -119,6 +122,8 @@ class EmbeddedCgroups:
     def instance(self, p: plan.Plan) -> str:
         return f"{self.root}/{p.instance_name}"
 
+    _made: str | None = None
+
     def other_instance_cpus(self, own: str) -> CpuSet:
         if not self.cg.exists(self.root):
             return frozenset()
@@ -134,11 +139,13 @@ class EmbeddedCgroups:
         self.cg.make_threaded(self.float, p.float_cpus)
         if self.cg.exists(instance) and self.cg.threads(instance):
             raise StartupError(f"instance cgroup {instance} is already in use by another runner")
+        self._made = instance  # ours from here on, even if the next writes fail
         self.cg.make_threaded(instance, frozenset(p.instance_cpus))
         return self.float, instance
 
-    async def release(self, instance: str) -> None:
-        await self.cg.remove(instance)
+    async def release(self) -> None:
+        if self._made is not None:
+            await self.cg.remove(self._made)
 
 
 class ControllerCgroups:
@@ -153,6 +160,7 @@ class ControllerCgroups:
         self.socket = socket_path
         self.timeout = timeout
         self.uuid = uuid
+        self.asked = False  # a registration may have happened, even if its answer was lost
 
     def other_instance_cpus(self, _own: str) -> CpuSet:
         return frozenset()  # the controller checks overlaps
@@ -171,15 +179,23 @@ class ControllerCgroups:
                         rpc.RegisterResult,
                         timeout=min(10, self.timeout),
                     )
+                    self.asked = True
                     log.info("registered", controller=self.socket, attempts=attempt)
                     return res.float_path, res.cgroup_path
                 except rpc.RPCError as e:
+                    self.asked = True
                     if e.code in self.FINAL:
                         raise StartupError(
                             f"the controller refused registration: {e.message}"
                         ) from None
                     last = e.message
                 except (OSError, trio.TooSlowError) as e:
+                    # Refused or absent: nothing was asked. Anything later: it may have been.
+                    refused = isinstance(e, OSError) and e.errno in (
+                        errno.ENOENT,
+                        errno.ECONNREFUSED,
+                    )
+                    self.asked = self.asked or not refused
                     last = str(e) or type(e).__name__
                 log.info("controller-retry", attempt=attempt, error=last, delay=delay)
                 await trio.sleep(delay)
@@ -188,7 +204,9 @@ class ControllerCgroups:
             f"no answer from the controller at {self.socket} within {self.timeout:g} s: {last}"
         )
 
-    async def release(self, _instance: str) -> None:
+    async def release(self) -> None:
+        if not self.asked:
+            return
         await rpc.call(
             self.socket,
             "deregisterCgroup",
@@ -374,11 +392,11 @@ class Supervisor:
         self.teardown.push("stop anchor", lambda: anchor.stop(2))
 
         await self._checkpoint("cgroups")
+        self.teardown.push("release the instance cgroup", cgroups.release)
         try:
             float_cg, instance_cg = await cgroups.obtain(the_plan)
         except CgroupError as e:
             raise StartupError(str(e)) from None
-        self.teardown.push("remove instance cgroup", lambda: cgroups.release(instance_cg))
         log.info("cgroups-ready", float=float_cg, instance=instance_cg)
 
         await self._checkpoint("float")
@@ -412,7 +430,9 @@ class Supervisor:
             os.close(err_w)
         self.qemu = qemu
         self.teardown.push(
-            "stop QEMU", lambda: self._stop_qemu(qemu, qmp), timeout=o.shutdown_timeout + 20
+            "stop QEMU",
+            lambda: self._stop_qemu(qemu, qmp),
+            timeout=o.shutdown_timeout + QUIT_GRACE + 5,
         )
         assert self._nursery is not None
         self._nursery.start_soon(self._forward_stderr, err_r)
@@ -456,13 +476,19 @@ class Supervisor:
                 )
             placed.append({"vcpu": v["cpu-index"], "tid": tid, "cpu": cpu})
         pinned = time.monotonic()
-        status = (await qmp.execute("query-status"))["status"]
+        try:
+            status = (await qmp.execute("query-status"))["status"]
+            ticks = {p["tid"]: cpu_ticks(qemu.pid, p["tid"]) for p in placed}
+        except (QMPError, OSError) as e:
+            raise StartupError(await self._qemu_failure(qemu, str(e))) from None
         if status not in ("prelaunch", "paused"):
             raise StartupError(f"the guest was {status!r} before its vCPUs were pinned")
-        ticks = {p["tid"]: cpu_ticks(qemu.pid, p["tid"]) for p in placed}
 
         await self._checkpoint("cont")
-        await qmp.execute("cont")
+        try:
+            await qmp.execute("cont")
+        except QMPError as e:
+            raise StartupError(await self._qemu_failure(qemu, str(e))) from None
         ready = {
             "name": the_spec.name,
             "pod_uid": pod.pod_uid,
@@ -496,17 +522,22 @@ class Supervisor:
         if not qemu.running:
             return
         timeout = self.opts.shutdown_timeout
-        with contextlib.suppress(QMPError):
-            await qmp.execute("system_powerdown", timeout=2)
+        # Wait whatever QMP answered: a lost reply must not turn a clean exit into a SIGKILL.
+        with trio.move_on_after(timeout):
             log.info("qemu-stopping", how="system_powerdown", timeout=timeout)
-            with trio.move_on_after(timeout):
-                await qemu.wait()
+            try:
+                await qmp.execute("system_powerdown", timeout=min(2, timeout))
+            except QMPError as e:
+                log.warning("qmp-failed", command="system_powerdown", error=str(e))
+            await qemu.wait()
         if qemu.running:
-            with contextlib.suppress(QMPError):
-                await qmp.execute("quit", timeout=2)
+            with trio.move_on_after(QUIT_GRACE):
                 log.info("qemu-stopping", how="quit")
-                with trio.move_on_after(5):
-                    await qemu.wait()
+                try:
+                    await qmp.execute("quit", timeout=1)
+                except QMPError as e:
+                    log.warning("qmp-failed", command="quit", error=str(e))
+                await qemu.wait()
         if qemu.running:
             log.warning("qemu-stopping", how="SIGKILL")
             qemu.send_signal(signal.SIGKILL)
@@ -522,6 +553,12 @@ class Supervisor:
         return f"QEMU exited during start-up with code {qemu.exit_code}: {last}"
 
     async def _forward_stderr(self, fd: int) -> None:
+        try:
+            await self._forward_stderr_lines(fd)
+        except Exception as e:  # the reaper shares this nursery: never take it down
+            log.warning("qemu-stderr-lost", error=f"{type(e).__name__}: {e}")
+
+    async def _forward_stderr_lines(self, fd: int) -> None:
         stream = trio.lowlevel.FdStream(fd)
         buf = b""
         async with stream:
@@ -534,8 +571,11 @@ class Supervisor:
                     log.info("qemu-stderr", line=line)
 
     async def _drain_events(self, qmp: QMP) -> None:
-        async for event in qmp.events:
-            log.info("qemu-event", name=event.get("event"), data=event.get("data"))
+        try:
+            async for event in qmp.events:
+                log.info("qemu-event", name=event.get("event"), data=event.get("data"))
+        except Exception as e:  # the reaper shares this nursery: never take it down
+            log.warning("qemu-events-lost", error=f"{type(e).__name__}: {e}")
 
 
 def _async(fn: Callable[..., object], *args: object, **kw: object) -> Callable[[], Awaitable[None]]:

@@ -96,6 +96,8 @@ def test_parse_pod_cgroup(path: str, driver: str, runtime: str, qos: str, uid: s
             "/kubepods.slice/kubepods-pod0a1b2c3d_1111_2222_3333_44445555666.slice/x",
             "holds no valid pod UID",
         ),
+        (f"/user.slice/x-pod{U_}.slice/{CID}", "outside kubelet's kubepods tree"),
+        (f"/pod{UID}/{CID}", "outside kubelet's kubepods tree"),
     ],
 )
 def test_parse_pod_cgroup_rejects(path: str, message: str) -> None:

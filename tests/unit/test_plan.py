@@ -87,3 +87,8 @@ def test_qemu_argv_kernel_kvm_extra() -> None:
         "stdio",
     ]
     assert "-cpu" in argv and argv[argv.index("-cpu") + 1] == "host"
+
+
+def test_float_never_covers_another_instance_even_if_kubelet_lags() -> None:
+    p = plan.make_plan(mkspec(1), POD, frozenset({2}), state("0-1,3-7"), ONLINE, frozenset({3}))
+    assert p.float_cpus == {0, 1, 4, 5, 6, 7}

@@ -16,11 +16,11 @@ from runner import cpus, rpc
 UID = "0a1b2c3d-1111-2222-3333-444455556666"
 
 
-def decode(doc: object) -> rpc.Request | rpc.Response:
+def decode(doc: object) -> rpc.Request | rpc.Response | rpc.Notification:
     return rpc.decode_request(json.dumps(doc).encode())
 
 
-def code_of(result: rpc.Request | rpc.Response) -> int | None:
+def code_of(result: rpc.Request | rpc.Response | rpc.Notification) -> int | None:
     return result.error.code if isinstance(result, rpc.Response) and result.error else None
 
 
@@ -34,7 +34,6 @@ def code_of(result: rpc.Request | rpc.Response) -> int | None:
         (b"42", rpc.INVALID_REQUEST),
         (b'{"method":"health","id":1}', rpc.INVALID_REQUEST),
         (b'{"jsonrpc":"1.0","method":"health","id":1}', rpc.INVALID_REQUEST),
-        (b'{"jsonrpc":"2.0","method":"health"}', rpc.INVALID_REQUEST),
         (b'{"jsonrpc":"2.0","method":"health","id":[1]}', rpc.INVALID_REQUEST),
         (b'{"jsonrpc":"2.0","method":5,"id":1}', rpc.INVALID_REQUEST),
         (b'{"jsonrpc":"2.0","method":"health","id":1,"x":1}', rpc.INVALID_REQUEST),
@@ -56,6 +55,24 @@ def code_of(result: rpc.Request | rpc.Response) -> int | None:
 )
 def test_bad_requests_get_standard_codes(line: bytes, code: int) -> None:
     assert code_of(rpc.decode_request(line)) == code
+
+
+def test_deep_nesting_is_a_parse_error_not_a_crash() -> None:
+    assert code_of(rpc.decode_request(b"[" * 100_000)) == rpc.PARSE_ERROR
+    assert code_of(rpc.decode_request(b'{"a":' * 50_000)) == rpc.PARSE_ERROR
+
+
+def test_notifications_get_no_answer() -> None:
+    assert rpc.decode_request(b'{"jsonrpc":"2.0","method":"health"}') == rpc.Notification("health")
+
+
+def test_malformed_error_responses_and_wrong_ids() -> None:
+    with pytest.raises(rpc.RPCError) as e:
+        rpc.decode_response(b'{"jsonrpc":"2.0","id":1,"error":{"code":"x"}}', rpc.HealthResult)
+    assert e.value.code == rpc.INTERNAL_ERROR
+    ok = b'{"jsonrpc":"2.0","id":2,"result":{"status":"ok","float_cpus":"0","instances":0}}'
+    with pytest.raises(rpc.RPCError, match="not 1"):
+        rpc.decode_response(ok, rpc.HealthResult, 1)
 
 
 def test_error_keeps_the_request_id_when_it_has_one() -> None:
@@ -89,12 +106,12 @@ json_values = st.recursive(
 
 @given(st.binary(max_size=300))
 def test_any_bytes_decode_without_raising(line: bytes) -> None:
-    assert isinstance(rpc.decode_request(line), (rpc.Request, rpc.Response))
+    assert isinstance(rpc.decode_request(line), (rpc.Request, rpc.Response, rpc.Notification))
 
 
 @given(json_values)
 def test_any_json_decodes_without_raising(doc: object) -> None:
-    assert isinstance(decode(doc), (rpc.Request, rpc.Response))
+    assert isinstance(decode(doc), (rpc.Request, rpc.Response, rpc.Notification))
 
 
 @given(
@@ -109,7 +126,7 @@ def test_any_json_decodes_without_raising(doc: object) -> None:
 )
 def test_any_params_decode_without_raising(doc: dict[str, object]) -> None:
     result = decode(doc)
-    assert isinstance(result, (rpc.Request, rpc.Response))
+    assert isinstance(result, (rpc.Request, rpc.Response, rpc.Notification))
 
 
 uuids = st.uuids().map(str)
