@@ -33,8 +33,9 @@ STATE_FILE = "cpu_manager_state"
 # pod, its leaving cpu_manager_state says the pod is gone; if kubelet does not (no static
 # policy), only time can tell the pinning window from a dead runner.
 REGISTRATION_GRACE = 60.0
-# One pod cannot crowd out the others (a runner needs one connection at a time).
-MAX_CONNECTIONS_PER_CALLER = 32
+# A bound on open connections (memory), far above what a node's runners need at once. A
+# slow caller cannot hold the cgroup lock (no sleeping under it), and idle ones are dropped.
+MAX_CONNECTIONS = 1024
 
 
 @attrs.frozen(kw_only=True)
@@ -140,7 +141,7 @@ class Controller:
         self.float = ""
         self._wake = trio.Event()
         self._registered_at: dict[str, float] = {}
-        self._open: dict[int | None, int] = {}  # open connections per caller pid
+        self._open = 0  # open connections
 
     # --- topology ------------------------------------------------------------------------------
 
@@ -453,17 +454,15 @@ class Controller:
             pid: int | None = peer_pid(stream.socket)  # type: ignore[arg-type]
         except OSError:
             pid = None
-        if self._open.get(pid, 0) >= MAX_CONNECTIONS_PER_CALLER:
+        if self._open >= MAX_CONNECTIONS:
             log.warning("connection-refused", pid=pid, reason="too many open connections")
             await stream.aclose()
             return
-        self._open[pid] = self._open.get(pid, 0) + 1
+        self._open += 1
         try:
             await self._serve(stream, pid)
         finally:
-            self._open[pid] -= 1
-            if not self._open[pid]:
-                del self._open[pid]
+            self._open -= 1
 
     async def _serve(self, stream: trio.SocketStream, pid: int | None) -> None:
         reader = rpc.LineReader(stream)

@@ -108,6 +108,10 @@ class Response:
     error: ErrorObject | None = None
 
 
+class ConnectError(OSError):
+    """No connection was made: nothing was sent."""
+
+
 class RPCError(Exception):
     """An error response, raised on the client side."""
 
@@ -238,7 +242,12 @@ async def call(
 ) -> Any:
     """One request on a fresh connection, with a deadline on everything."""
     with trio.fail_after(timeout):
-        stream = await trio.open_unix_socket(socket_path)
+        try:
+            stream = await trio.open_unix_socket(socket_path)
+        except OSError as e:
+            raise ConnectError(
+                e.errno, f"cannot connect to {socket_path}: {e.strerror or e}"
+            ) from None
         async with stream:
             await stream.send_all(encode_request(method, params, 1))
             line = await LineReader(stream).readline()

@@ -8,7 +8,6 @@ before the instance was running.
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import json
 import os
@@ -190,12 +189,8 @@ class ControllerCgroups:
                         ) from None
                     last = e.message
                 except (OSError, trio.TooSlowError) as e:
-                    # Refused or absent: nothing was asked. Anything later: it may have been.
-                    refused = isinstance(e, OSError) and e.errno in (
-                        errno.ENOENT,
-                        errno.ECONNREFUSED,
-                    )
-                    self.asked = self.asked or not refused
+                    # No connection: nothing was asked. Anything later: it may have been.
+                    self.asked = self.asked or not isinstance(e, rpc.ConnectError)
                     last = str(e) or type(e).__name__
                 log.info("controller-retry", attempt=attempt, error=last, delay=delay)
                 await trio.sleep(delay)
