@@ -1,20 +1,40 @@
-"""QEMU's command line, built from the spec. Pure."""
+"""Command lines of QEMU, dnsmasq and virtiofsd, built from the spec. Pure: the effect layer
+decides the file descriptors and socket paths (the `Wiring`) and passes them in."""
 
 from __future__ import annotations
 
 from typing import Literal
 
-from runner.spec import InstanceSpec
+import attrs
+
+from runner.spec import InstanceSpec, Nic, Share
 
 
-def qemu_argv(spec: InstanceSpec, accel: Literal["kvm", "tcg"], qmp_fd: int) -> list[str]:
+@attrs.frozen(kw_only=True)
+class Wiring:
+    """What the runner opened for QEMU: fd numbers as QEMU will see them, socket paths."""
+
+    qmp_fd: int
+    console_fd: int | None = None
+    nic_fds: tuple[int, ...] = ()  # one tap fd per nic, in spec order
+    share_sockets: tuple[str, ...] = ()  # one vhost-user socket per share, in spec order
+
+
+def _opt(value: str) -> str:
+    """QEMU splits option values on commas; a literal comma is written twice."""
+    return value.replace(",", ",,")
+
+
+def qemu_argv(spec: InstanceSpec, accel: Literal["kvm", "tcg"], wiring: Wiring) -> list[str]:
     """QEMU starts paused (-S): vCPU threads exist but no guest code runs until `cont`, so
     they can be placed before the guest ever executes."""
+    if len(wiring.nic_fds) != len(spec.nics) or len(wiring.share_sockets) != len(spec.shares):
+        raise ValueError("the wiring must have one fd per nic and one socket per share")
     argv = [
         spec.qemu_binary,
         "-S",
         "-name",
-        f"{spec.name},debug-threads=on",
+        f"{_opt(spec.name)},debug-threads=on",
         "-nodefaults",
         "-no-user-config",
         "-display",
@@ -30,15 +50,135 @@ def qemu_argv(spec: InstanceSpec, accel: Literal["kvm", "tcg"], qmp_fd: int) -> 
         "-m",
         f"{spec.memory_mib}M",
         "-chardev",
-        f"socket,id=qmp,fd={qmp_fd}",
+        f"socket,id=qmp,fd={wiring.qmp_fd}",
         "-mon",
         "chardev=qmp,mode=control",
     ]
-    if spec.kernel is not None:
-        argv += ["-kernel", spec.kernel]
-        if spec.initrd is not None:
-            argv += ["-initrd", spec.initrd]
-        if spec.cmdline is not None:
-            argv += ["-append", spec.cmdline]
+    argv += _memory(spec)
+    if wiring.console_fd is not None:
+        argv += [
+            "-chardev",
+            f"socket,id=console,fd={wiring.console_fd}",
+            "-serial",
+            "chardev:console",
+        ]
+    boot_disk = spec.boot.disk if spec.boot is not None else None
+    for i, disk in enumerate(spec.disks):
+        if disk.fd is not None:
+            argv += ["-add-fd", f"fd={disk.fd},set={i + 1}"]
+            path = f"/dev/fdset/{i + 1}"
+        else:
+            assert disk.path is not None
+            path = disk.path
+        argv += [
+            "-drive",
+            f"if=none,id=disk{i},file={_opt(path)},format={disk.format},cache={disk.cache},"
+            f"readonly={'on' if disk.read_only else 'off'}",
+            "-device",
+            f"virtio-blk-pci,drive=disk{i}" + (",bootindex=0" if boot_disk == i else ""),
+        ]
+    for i, nic in enumerate(spec.nics):
+        argv += [
+            "-netdev",
+            f"tap,id=net{i},fd={wiring.nic_fds[i]}",
+            "-device",
+            f"virtio-net-pci,netdev=net{i},mac={spec.mac(i)},host_mtu={nic.mtu}",
+        ]
+    for i, share in enumerate(spec.shares):
+        argv += [
+            "-chardev",
+            f"socket,id=fs{i},path={_opt(wiring.share_sockets[i])}",
+            "-device",
+            f"vhost-user-fs-pci,chardev=fs{i},tag={share.tag}",
+        ]
+    kernel = spec.kernel_boot
+    if kernel is not None:
+        assert kernel.kernel is not None
+        argv += ["-kernel", kernel.kernel]
+        if kernel.initrd is not None:
+            argv += ["-initrd", kernel.initrd]
+        if kernel.cmdline is not None:
+            argv += ["-append", kernel.cmdline]
     argv += list(spec.extra_args)
     return argv
+
+
+def _memory(spec: InstanceSpec) -> list[str]:
+    """Guest RAM as an explicit backend: shared (memfd) when virtiofsd must map it, on huge
+    pages when asked, preallocated so it is charged while QEMU is still in the pod's cgroup."""
+    mem = spec.memory
+    shared = bool(spec.shares)
+    if not (shared or mem.hugepages != "none" or mem.prealloc):
+        return []
+    backend = "memory-backend-memfd" if shared or mem.hugepages != "none" else "memory-backend-ram"
+    props = [f"{backend},id=mem,size={spec.memory_mib}M"]
+    if shared:
+        props.append("share=on")
+    if mem.hugepages != "none":
+        props.append(f"hugetlb=on,hugetlbsize={mem.hugepages}")
+    if mem.prealloc:
+        props.append("prealloc=on")
+    return ["-object", ",".join(props), "-numa", "node,memdev=mem"]
+
+
+def dnsmasq_argv(spec: InstanceSpec, index: int, binary: str = "dnsmasq") -> list[str]:
+    """DHCP for one guest on one tap: a single static lease, no DNS service, nothing written."""
+    nic: Nic = spec.nics[index]
+    options = [
+        f"--dhcp-option=option:router,{nic.gateway_address}",
+        f"--dhcp-option=option:mtu,{nic.mtu}",
+    ]
+    if nic.dns:
+        options.append(f"--dhcp-option=option:dns-server,{','.join(nic.dns)}")
+    return [
+        binary,
+        "--keep-in-foreground",
+        "--conf-file=/dev/null",
+        "--port=0",
+        f"--interface={spec.tap_name(index)}",
+        "--bind-interfaces",
+        f"--dhcp-range={nic.ip},static,{nic.network.netmask}",
+        f"--dhcp-host={spec.mac(index)},{nic.ip},infinite",
+        "--dhcp-authoritative",
+        "--leasefile-ro",
+        "--log-facility=-",
+        "--log-dhcp",
+        *options,
+    ]
+
+
+def virtiofsd_argv(
+    share: Share, socket: str, binary: str, flavour: Literal["c", "rust"]
+) -> list[str]:
+    """virtiofsd for one share. The C daemon (Debian's) has no read-only mode, so a read-only
+    share is served from a read-only bind mount of the source in a private mount namespace."""
+    if flavour == "rust":
+        argv = [
+            binary,
+            f"--socket-path={socket}",
+            f"--shared-dir={share.source}",
+            f"--cache={share.cache}",
+        ]
+        return [*argv, "--readonly"] if share.read_only else argv
+    argv = [
+        binary,
+        f"--socket-path={socket}",
+        "-o",
+        f"source={_opt(share.source)}",
+        "-o",
+        f"cache={share.cache}",
+    ]
+    if not share.read_only:
+        return argv
+    return [
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "--",
+        "sh",
+        "-c",
+        'mount --bind -o ro "$0" "$0" && exec "$@"',
+        share.source,
+        *argv,
+    ]

@@ -6,17 +6,27 @@ silently fall back to a default.
 
 from __future__ import annotations
 
+import hashlib
+import ipaddress
 import json
 import re
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 import attrs
 import cattrs
 from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError
 
 Accel = Literal["auto", "kvm", "tcg"]
+Hugepages = Literal["none", "2M", "1G"]
+DiskFormat = Literal["raw", "qcow2"]
+DiskCache = Literal["none", "writeback", "writethrough", "directsync", "unsafe"]
+ShareCache = Literal["auto", "always", "none"]
+NicMode = Literal["tap", "tap-fd"]
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+_MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+_IFNAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")  # Linux IFNAMSIZ is 16 with the NUL
+_TAG = re.compile(r"^[A-Za-z0-9_.-]{1,36}$")  # virtio-fs tags are at most 36 bytes
 
 
 class SpecError(ValueError):
@@ -36,6 +46,128 @@ def _name(_inst: object, _attribute: attrs.Attribute[str], value: str) -> None:
         )
 
 
+def _absolute(_inst: object, attribute: attrs.Attribute[Any], value: str | None) -> None:
+    if value is not None and not value.startswith("/"):
+        raise ValueError(f"{attribute.name} must be an absolute path, not {value!r}")
+
+
+def _ipv4(text: str, what: str) -> ipaddress.IPv4Address:
+    try:
+        return ipaddress.IPv4Address(text)
+    except ValueError:
+        raise ValueError(f"{what} {text!r} is not an IPv4 address") from None
+
+
+@attrs.frozen(kw_only=True)
+class Memory:
+    hugepages: Hugepages = "none"
+    # Touch all guest RAM at start, while QEMU is still charged to the pod (see README).
+    prealloc: bool = True
+
+
+@attrs.frozen(kw_only=True)
+class Boot:
+    """Direct kernel boot (kernel, initrd, cmdline), or from one of the disks (its index)."""
+
+    kernel: str | None = attrs.field(default=None, validator=_absolute)
+    initrd: str | None = attrs.field(default=None, validator=_absolute)
+    cmdline: str | None = None
+    disk: int | None = None
+
+    def __attrs_post_init__(self) -> None:
+        if self.disk is not None and self.kernel is not None:
+            raise ValueError("boot takes a kernel or a disk, not both")
+        if self.disk is None and self.kernel is None:
+            raise ValueError("boot needs a kernel or a disk")
+        if self.kernel is None and (self.initrd is not None or self.cmdline is not None):
+            raise ValueError("boot: initrd and cmdline need a kernel")
+
+
+@attrs.frozen(kw_only=True)
+class Disk:
+    """A file or block device by path, or an inherited file descriptor (a host agent's)."""
+
+    path: str | None = attrs.field(default=None, validator=_absolute)
+    fd: int | None = None
+    format: DiskFormat = "raw"
+    read_only: bool = False
+    cache: DiskCache = "writeback"  # QEMU's default; "none" (O_DIRECT) for block devices
+
+    def __attrs_post_init__(self) -> None:
+        if (self.path is None) == (self.fd is None):
+            raise ValueError("a disk takes exactly one of path and fd")
+        if self.fd is not None and self.fd < 3:
+            raise ValueError(f"disk fd {self.fd} is stdin/stdout/stderr")
+
+
+@attrs.frozen(kw_only=True)
+class Nic:
+    """`tap`: the runner makes the tap (name `tap`), gives it the gateway address and serves
+    DHCP on it. `tap-fd`: a tap handed over as an inherited fd; addressing is the giver's."""
+
+    mode: NicMode
+    tap: str | None = None
+    fd: int | None = None
+    mac: str | None = None  # default: stable, derived from the instance name
+    ip: str
+    prefix: int = 24
+    gateway: str | None = None  # default: the first address of the subnet
+    dns: tuple[str, ...] = ()
+    mtu: int = 1500
+
+    def __attrs_post_init__(self) -> None:
+        if self.mode == "tap":
+            if self.fd is not None:
+                raise ValueError("a nic in mode tap takes no fd (use mode tap-fd)")
+            if self.tap is not None and not _IFNAME.match(self.tap):
+                raise ValueError(f"tap name {self.tap!r} must be 1-15 letters, digits, . _ -")
+        elif self.fd is None or self.fd < 3 or self.tap is not None:
+            raise ValueError("a nic in mode tap-fd takes an inherited fd (3 or more), no tap")
+        if self.mac is not None and (not _MAC.match(self.mac) or int(self.mac[:2], 16) & 1):
+            raise ValueError(f"mac {self.mac!r} must be a unicast address like 52:54:00:12:34:56")
+        if not 8 <= self.prefix <= 30:
+            raise ValueError(f"prefix {self.prefix} must be between 8 and 30")
+        ip = _ipv4(self.ip, "ip")
+        net = ipaddress.IPv4Network(f"{ip}/{self.prefix}", strict=False)
+        if ip in (net.network_address, net.broadcast_address):
+            raise ValueError(f"ip {self.ip} is the network or broadcast address of {net}")
+        gw = self.gateway_address
+        if gw not in net or gw == ip or gw in (net.network_address, net.broadcast_address):
+            raise ValueError(f"gateway {gw} must be another host address in {net}")
+        for server in self.dns:
+            _ipv4(server, "dns server")
+        if not 576 <= self.mtu <= 9000:
+            raise ValueError(f"mtu {self.mtu} must be between 576 and 9000")
+
+    @property
+    def network(self) -> ipaddress.IPv4Network:
+        return ipaddress.IPv4Network(f"{self.ip}/{self.prefix}", strict=False)
+
+    @property
+    def gateway_address(self) -> ipaddress.IPv4Address:
+        if self.gateway is not None:
+            return _ipv4(self.gateway, "gateway")
+        return self.network.network_address + 1
+
+
+@attrs.frozen(kw_only=True)
+class Share:
+    source: str = attrs.field(validator=_absolute)
+    tag: str
+    read_only: bool = False
+    cache: ShareCache = "auto"
+
+    def __attrs_post_init__(self) -> None:
+        if not _TAG.match(self.tag):
+            raise ValueError(f"share tag {self.tag!r} must be 1-36 letters, digits, . _ -")
+
+
+@attrs.frozen(kw_only=True)
+class Console:
+    stdout: bool = True  # serial lines on the runner's stdout, prefixed
+    log_file: str | None = attrs.field(default=None, validator=_absolute)
+
+
 @attrs.frozen(kw_only=True)
 class InstanceSpec:
     name: str = attrs.field(validator=_name)
@@ -47,10 +179,57 @@ class InstanceSpec:
     cmdline: str | None = None
     qemu_binary: str = "qemu-system-x86_64"
     extra_args: tuple[str, ...] = ()
+    memory: Memory = Memory()
+    boot: Boot | None = None
+    disks: tuple[Disk, ...] = ()
+    nics: tuple[Nic, ...] = ()
+    shares: tuple[Share, ...] = ()
+    console: Console = Console()
 
     def __attrs_post_init__(self) -> None:
         if self.kernel is None and (self.initrd is not None or self.cmdline is not None):
             raise ValueError("initrd and cmdline need a kernel")
+        if self.boot is not None and self.kernel is not None:
+            raise ValueError("give the kernel in boot or at the top level, not both")
+        if (
+            self.boot is not None
+            and self.boot.disk is not None
+            and not (0 <= self.boot.disk < len(self.disks))
+        ):
+            raise ValueError(
+                f"boot disk {self.boot.disk} is not one of the {len(self.disks)} disks"
+            )
+        tags = [s.tag for s in self.shares]
+        if len(set(tags)) != len(tags):
+            raise ValueError("share tags must be unique")
+        taps = [n.tap or f"tap{i}" for i, n in enumerate(self.nics) if n.mode == "tap"]
+        if len(set(taps)) != len(taps):
+            raise ValueError("tap names must be unique")
+        fds = [d.fd for d in self.disks if d.fd is not None]
+        fds += [n.fd for n in self.nics if n.fd is not None]
+        if len(set(fds)) != len(fds):
+            raise ValueError("an inherited fd can serve one disk or nic only")
+
+    @property
+    def kernel_boot(self) -> Boot | None:
+        """The direct kernel boot, from `boot` or the top-level fields."""
+        if self.boot is not None:
+            return self.boot if self.boot.kernel is not None else None
+        if self.kernel is not None:
+            return Boot(kernel=self.kernel, initrd=self.initrd, cmdline=self.cmdline)
+        return None
+
+    def mac(self, index: int) -> str:
+        """The nic's MAC: as given, or stable for this instance name and nic index (locally
+        administered, unicast) so a restarted instance keeps its DHCP lease."""
+        given = self.nics[index].mac
+        if given is not None:
+            return given
+        digest = hashlib.sha256(f"{self.name}/{index}".encode()).digest()
+        return "52:54:00:" + ":".join(f"{b:02x}" for b in digest[:3])
+
+    def tap_name(self, index: int) -> str:
+        return self.nics[index].tap or f"tap{index}"  # as checked unique above
 
 
 def _strict(kind: type) -> Any:
@@ -69,12 +248,24 @@ def _converter() -> cattrs.Converter:
     for kind in (int, str, bool, float):
         c.register_structure_hook(kind, _strict(kind))
 
-    def strings(value: object, _type: object) -> tuple[str, ...]:
-        if not isinstance(value, list) or not all(type(v) is str for v in value):
-            raise TypeError("expected a list of strings")
-        return tuple(value)
+    def var_tuple(t: object) -> bool:
+        args = get_args(t)
+        return get_origin(t) is tuple and len(args) == 2 and args[1] is Ellipsis
 
-    c.register_structure_hook_func(lambda t: t == tuple[str, ...], strings)
+    def items(value: object, t: object) -> tuple[object, ...]:
+        # A JSON list only: a string must not pass as a list of characters.
+        (inner, _) = get_args(t)
+        if not isinstance(value, list):
+            raise TypeError(f"expected a list of {getattr(inner, '__name__', inner)}")
+        out = []
+        for i, v in enumerate(value):
+            try:
+                out.append(c.structure(v, inner))
+            except Exception as e:
+                raise ValueError(f"item {i}: {describe(e)}") from None
+        return tuple(out)
+
+    c.register_structure_hook_func(var_tuple, items)
     return c
 
 

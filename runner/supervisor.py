@@ -28,7 +28,7 @@ from runner.cgroups import CgroupError, CgroupFS, thread_cgroup
 from runner.cpus import CpuSet
 from runner.log import log
 from runner.procs import Child, Reaper, become_subreaper
-from runner.qemu import qemu_argv
+from runner.qemu import Wiring, qemu_argv
 from runner.qmp import QMP, QMPError
 
 STEPS = ("anchor", "cgroups", "float", "qemu", "qmp", "pin", "cont")
@@ -414,7 +414,9 @@ class Supervisor:
         self.teardown.push("close QMP", qmp.close)
         ours, theirs = socket.socketpair()
         err_r, err_w = os.pipe()
-        argv = qemu_argv(attrs.evolve(the_spec, qemu_binary=qemu_path), accel, theirs.fileno())
+        argv = qemu_argv(
+            attrs.evolve(the_spec, qemu_binary=qemu_path), accel, Wiring(qmp_fd=theirs.fileno())
+        )
         started = time.monotonic()
         try:
             qemu = self.reaper.spawn("qemu", argv, pass_fds=[theirs.fileno()], stderr=err_w)

@@ -15,7 +15,7 @@ import pytest
 import trio
 
 from runner.procs import Reaper, exit_code
-from runner.qemu import qemu_argv
+from runner.qemu import Wiring, qemu_argv
 from runner.qmp import QMP, QMPError
 from runner.spec import InstanceSpec
 from runner.supervisor import Teardown
@@ -113,7 +113,9 @@ needs_qemu = pytest.mark.skipif(
 async def test_qmp_bridge_with_a_paused_qemu() -> None:
     ours, theirs = socket.socketpair()
     spec = InstanceSpec(name="t", vcpus=2, memory_mib=32, accel="tcg")
-    proc = subprocess.Popen(qemu_argv(spec, "tcg", theirs.fileno()), pass_fds=[theirs.fileno()])
+    proc = subprocess.Popen(
+        qemu_argv(spec, "tcg", Wiring(qmp_fd=theirs.fileno())), pass_fds=[theirs.fileno()]
+    )
     theirs.close()
     qmp = QMP("t")
     try:

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from runner import kube, plan, spec
-from runner.qemu import qemu_argv
+from runner.qemu import Wiring, qemu_argv
 
 UID = "0a1b2c3d-1111-2222-3333-444455556666"
 POD = kube.parse_pod_cgroup(f"/kubepods/pod{UID}/{'c' * 64}")
@@ -63,7 +63,7 @@ def test_spare_cpus_when_allowed() -> None:
 
 
 def test_qemu_argv_firmware_only_tcg() -> None:
-    argv = qemu_argv(mkspec(2), "tcg", 7)
+    argv = qemu_argv(mkspec(2, memory=spec.Memory(prealloc=False)), "tcg", Wiring(qmp_fd=7))
     assert argv[:2] == ["qemu-system-x86_64", "-S"]
     joined = " ".join(argv)
     assert "-accel tcg,thread=multi" in joined
@@ -75,7 +75,7 @@ def test_qemu_argv_firmware_only_tcg() -> None:
 
 def test_qemu_argv_kernel_kvm_extra() -> None:
     s = mkspec(1, kernel="/k", initrd="/i", cmdline="a b", extra_args=("-serial", "stdio"))
-    argv = qemu_argv(s, "kvm", 3)
+    argv = qemu_argv(s, "kvm", Wiring(qmp_fd=3))
     assert argv[argv.index("-kernel") :] == [
         "-kernel",
         "/k",

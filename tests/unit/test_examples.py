@@ -1,0 +1,56 @@
+"""Every spec in docs/examples loads and builds; its command lines match the golden files
+(UPDATE_GOLDEN=1 rewrites them after a deliberate change: review the diff)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from runner import spec
+from runner.qemu import Wiring, dnsmasq_argv, qemu_argv, virtiofsd_argv
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLES = sorted((REPO / "docs" / "examples").glob("*.json"))
+GOLDEN = Path(__file__).with_name("golden")
+
+
+def command_lines(s: spec.InstanceSpec) -> str:
+    """All the command lines an instance starts with, for a fixed wiring."""
+    wiring = Wiring(
+        qmp_fd=3,
+        console_fd=4 if s.console.stdout or s.console.log_file else None,
+        nic_fds=tuple(10 + i for i in range(len(s.nics))),
+        share_sockets=tuple(f"/run/instance-runner/fs{i}.sock" for i in range(len(s.shares))),
+    )
+    blocks = [("qemu", qemu_argv(s, "kvm" if s.accel == "kvm" else "tcg", wiring))]
+    for i, nic in enumerate(s.nics):
+        if nic.mode == "tap":
+            blocks.append((f"dnsmasq {i}", dnsmasq_argv(s, i)))
+    for i, share in enumerate(s.shares):
+        for flavour in ("c", "rust"):
+            blocks.append(
+                (
+                    f"virtiofsd {i} ({flavour})",
+                    virtiofsd_argv(
+                        share, wiring.share_sockets[i], "/usr/lib/qemu/virtiofsd", flavour
+                    ),
+                )
+            )
+    return "".join(f"# {name}\n" + "".join(f"{a}\n" for a in argv) for name, argv in blocks)
+
+
+def test_there_are_examples() -> None:
+    assert len(EXAMPLES) >= 4
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.stem)
+def test_example_builds_as_golden(example: Path) -> None:
+    s = spec.load(example.read_text(), source=example.name)
+    text = command_lines(s)
+    golden = GOLDEN / f"{example.stem}.txt"
+    if os.environ.get("UPDATE_GOLDEN"):
+        golden.write_text(text)
+    assert golden.exists(), f"no golden file for {example.name}: run with UPDATE_GOLDEN=1"
+    assert text == golden.read_text()
