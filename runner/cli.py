@@ -109,6 +109,27 @@ def cli() -> None:
     help="Accept fewer vCPUs than dedicated CPUs.",
 )
 @option(
+    "--isolation",
+    env="ISOLATION",
+    type=click.Choice(["on", "off"]),
+    default="on",
+    help="off: no cgroups and no pinning, with a warning (for trying the runner on a "
+    "laptop; never in production).",
+)
+@option(
+    "--dnsmasq",
+    env="DNSMASQ",
+    default="dnsmasq",
+    metavar="PATH",
+    help="dnsmasq binary, for nics in mode tap.",
+)
+@option(
+    "--virtiofsd",
+    env="VIRTIOFSD",
+    metavar="PATH",
+    help="virtiofsd binary, for shares [default: the Rust one if installed, else QEMU's].",
+)
+@option(
     "--controller-socket",
     env="CONTROLLER_SOCKET",
     metavar="PATH",

@@ -8,6 +8,7 @@ before the instance was running.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -23,15 +24,18 @@ from typing import Literal
 import attrs
 import trio
 
-from runner import cpus, kube, plan, rpc, spec
+from runner import cpus, kube, plan, plumbing, rpc, spec
 from runner.cgroups import CgroupError, CgroupFS, thread_cgroup
 from runner.cpus import CpuSet
 from runner.log import log
 from runner.procs import Child, Reaper, become_subreaper
-from runner.qemu import Wiring, qemu_argv
+from runner.qemu import Wiring, dnsmasq_argv, qemu_argv, virtiofsd_argv
 from runner.qmp import QMP, QMPError
 
-STEPS = ("anchor", "cgroups", "float", "qemu", "qmp", "pin", "cont")
+STEPS = ("anchor", "cgroups", "float", "plumbing", "qemu", "qmp", "pin", "cont")
+VIRTIOFSD_PATHS = ("/usr/libexec/virtiofsd", "/usr/lib/qemu/virtiofsd", "virtiofsd")
+# How the guest ended when we stopped it: the exit code says which step it took.
+EXIT_POWERED_OFF, EXIT_QUIT, EXIT_KILLED = 0, 124, 137
 KVM_GET_API_VERSION = 0xAE00
 # After the guest's shutdown timeout: this long for QEMU to `quit`, then SIGKILL. Stopping takes
 # at most shutdown-timeout + QUIT_GRACE + a second: keep the pod's grace period above that.
@@ -52,9 +56,80 @@ class Options:
     shutdown_timeout: float = 20.0
     qmp_timeout: float = 30.0
     allow_spare_cpus: bool = False
+    isolation: Literal["on", "off"] = "on"  # off: no cgroups, no pinning (laptops, e2e tests)
+    dnsmasq: str = "dnsmasq"
+    virtiofsd: str | None = None  # None: the Rust daemon if installed, else QEMU's C one
     controller_socket: str | None = None  # None: embedded mode, the runner makes its cgroups
     controller_timeout: float = 30.0
     pause_before: str | None = None  # fault-injection hook for tests: wait before this step
+
+
+@attrs.define
+class Prepared:
+    """What preflight decided; the steps after it only act on this."""
+
+    spec: spec.InstanceSpec
+    accel: Literal["kvm", "tcg"]
+    isolated: bool
+    dnsmasq: str = ""
+    virtiofsd: str = ""
+    virtiofsd_flavour: Literal["c", "rust"] = "c"
+    cg: CgroupFS | None = None
+    own: str = ""
+    pod: kube.PodCgroup | None = None
+    plan: plan.Plan | None = None
+    cgroups: EmbeddedCgroups | ControllerCgroups | None = None
+    float_cg: str | None = None
+    instance_cg: str | None = None
+
+
+@attrs.define
+class Plumbing:
+    """What the plumbing step opened for QEMU."""
+
+    nic_fds: list[int] = attrs.Factory(list)
+    share_sockets: list[str] = attrs.Factory(list)
+    console_theirs: socket.socket | None = None
+    close_after_spawn: list[int] = attrs.Factory(list)
+    qmp_ours: socket.socket | None = None
+
+
+def check_guest_resources(the_spec: spec.InstanceSpec) -> None:
+    """Files and fds the spec names must be there before anything starts."""
+    for i, disk in enumerate(the_spec.disks):
+        if disk.path is not None and not Path(disk.path).exists():
+            raise StartupError(f"disk {i}: {disk.path} does not exist")
+        if disk.fd is not None and not _fd_open(disk.fd):
+            raise StartupError(f"disk {i}: fd {disk.fd} is not open")
+    for i, nic in enumerate(the_spec.nics):
+        if nic.fd is not None and not _fd_open(nic.fd):
+            raise StartupError(f"nic {i}: fd {nic.fd} is not open")
+        if nic.mode == "tap" and Path(f"/sys/class/net/{the_spec.tap_name(i)}").exists():
+            raise StartupError(f"nic {i}: network device {the_spec.tap_name(i)} already exists")
+    for share in the_spec.shares:
+        if not Path(share.source).is_dir():
+            raise StartupError(f"share {share.tag}: {share.source} is not a directory")
+    boot = the_spec.kernel_boot
+    for path in (boot.kernel, boot.initrd) if boot else ():
+        if path is not None and not Path(path).is_file():
+            raise StartupError(f"boot: {path} does not exist")
+
+
+def _stopper(child: Child) -> Callable[[], Awaitable[object]]:
+    return lambda: child.stop(2)
+
+
+def _fd_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+        return True
+    except OSError:
+        return False
+
+
+def _close_quietly(fd: int) -> None:
+    with contextlib.suppress(OSError):
+        os.close(fd)
 
 
 class Teardown:
@@ -221,7 +296,11 @@ class Supervisor:
         self._interruptible: trio.CancelScope | None = None
         self._nursery: trio.Nursery | None = None
         self.qemu: Child | None = None
+        self.qmp: QMP | None = None
         self._qemu_stderr: list[str] = []
+        self.critical: list[Child] = []  # children whose death ends the instance (virtiofsd)
+        self.console_tail: list[str] = []
+        self._boots_os = False
 
     # --- the life ----------------------------------------------------------------------------
 
@@ -297,16 +376,39 @@ class Supervisor:
         await trio.lowlevel.checkpoint()
 
     async def _wait(self) -> int:
-        assert self.qemu is not None
+        """Until a stop request, QEMU's end, or the death of a child the guest depends on."""
+        assert self.qemu is not None and self.qmp is not None
+        qemu = self.qemu
         self.step = "running"
+        broken: list[Child] = []
         with trio.CancelScope() as scope:
             self._interruptible = scope
             if self.stop_signal is None:
-                await self.qemu.wait()
+                async with trio.open_nursery() as watchers:
+
+                    async def watch(child: Child) -> None:
+                        await child.wait()
+                        broken.append(child)
+                        watchers.cancel_scope.cancel()
+
+                    for child in [qemu, *self.critical]:
+                        watchers.start_soon(watch, child)
         self._interruptible = None
-        if self.qemu.running:
-            return 0  # stop requested: the QEMU undo shuts the guest down
-        code = self.qemu.exit_code
+        dead = [c for c in broken if c is not qemu]
+        if dead and qemu.running:
+            log.error(
+                "instance-broken",
+                child=dead[0].name,
+                code=dead[0].exit_code,
+                detail="a process the guest depends on died; stopping the instance",
+            )
+            with trio.CancelScope(shield=True):
+                await self._stop_qemu(qemu, self.qmp)
+            return 1
+        if qemu.running:
+            with trio.CancelScope(shield=True):  # a second signal must not cut this short
+                return await self._stop_qemu(qemu, self.qmp)
+        code = qemu.exit_code
         assert code is not None
         log.warning("qemu-exited", code=code, stderr=self._qemu_stderr[-3:])
         return 0 if self.stop_signal is not None and code == 0 else code
@@ -314,8 +416,80 @@ class Supervisor:
     # --- start-up, step by step --------------------------------------------------------------
 
     async def _start(self) -> None:
+        """Start-up, read top to bottom: refuse what cannot work, then act step by step,
+        each step pushing its undo before it can leave anything behind."""
+        pre = await self._preflight()
+        if pre.isolated:
+            await self._isolate(pre)
+        await self._checkpoint("plumbing")
+        wiring_parts = await self._plumb(pre)
+        await self._checkpoint("qemu")
+        qemu, qmp, started = await self._launch_qemu(pre, wiring_parts)
+        await self._checkpoint("qmp")
+        assert wiring_parts.qmp_ours is not None
+        try:
+            await qmp.connect(wiring_parts.qmp_ours, self.opts.qmp_timeout)
+        except QMPError as e:
+            raise StartupError(await self._qemu_failure(qemu, str(e))) from None
+        assert self._nursery is not None
+        self._nursery.start_soon(self._drain_events, qmp)
+        qmp_ready = time.monotonic()
+        await self._checkpoint("pin")
+        placed = await self._pin(pre, qemu, qmp) if pre.isolated else []
+        pinned = time.monotonic()
+        try:
+            status = (await qmp.execute("query-status"))["status"]
+            ticks = {p["tid"]: cpu_ticks(qemu.pid, p["tid"]) for p in placed}
+        except (QMPError, OSError) as e:
+            raise StartupError(await self._qemu_failure(qemu, str(e))) from None
+        if status not in ("prelaunch", "paused"):
+            raise StartupError(f"the guest was {status!r} before its vCPUs were pinned")
+
+        await self._checkpoint("cont")
+        try:
+            await qmp.execute("cont")
+        except QMPError as e:
+            raise StartupError(await self._qemu_failure(qemu, str(e))) from None
+        timings = {
+            "qemu_start_to_qmp": round((qmp_ready - started) * 1000, 1),
+            "qmp_to_pinned": round((pinned - qmp_ready) * 1000, 1),
+            "qemu_start_to_pinned": round((pinned - started) * 1000, 1),
+        }
+        ready = {
+            "name": pre.spec.name,
+            "isolation": "on" if pre.isolated else "off",
+            "pod_uid": pre.pod.pod_uid if pre.pod else None,
+            "qemu_pid": qemu.pid,
+            "instance_cgroup": pre.instance_cg,
+            "float_cgroup": pre.float_cg,
+            "float_cpus": cpus.format(pre.plan.float_cpus) if pre.plan else None,
+            "vcpus": placed,
+            "status_at_pin": status,
+            "vcpu_ticks_before_cont": ticks,
+            "nics": [
+                {
+                    "mac": pre.spec.mac(i),
+                    "ip": n.ip,
+                    "tap": pre.spec.tap_name(i) if n.mode == "tap" else None,
+                }
+                for i, n in enumerate(pre.spec.nics)
+            ],
+            "timings_ms": timings,
+        }
+        ready_file = Path(self.opts.run_dir) / "ready"
+        write_atomic(ready_file, json.dumps(ready, indent=1))
+        self.teardown.push("remove readiness file", _async(ready_file.unlink, missing_ok=True))
+        log.info(
+            "instance-pinned" if pre.isolated else "instance-running",
+            vcpus=len(placed),
+            ms=timings["qemu_start_to_pinned"],
+            placement={p["vcpu"]: p["cpu"] for p in placed},
+        )
+
+    async def _preflight(self) -> Prepared:
+        """Everything that can be refused is refused here, before anything runs."""
         o = self.opts
-        # Everything that can be refused is refused before anything runs.
+        self.step = "preflight"
         if os.geteuid() != 0:
             raise StartupError(
                 "instance-runner must run as root (a privileged container): it "
@@ -327,6 +501,33 @@ class Supervisor:
             raise StartupError(f"cannot read spec {o.spec_path}: {e.strerror}") from None
         except spec.SpecError as e:
             raise StartupError(str(e)) from None
+        check_guest_resources(the_spec)
+        qemu_path = shutil.which(the_spec.qemu_binary)
+        if qemu_path is None:
+            raise StartupError(f"QEMU binary {the_spec.qemu_binary!r} not found")
+        the_spec = attrs.evolve(the_spec, qemu_binary=qemu_path)
+        accel: Literal["kvm", "tcg"] = (
+            the_spec.accel if the_spec.accel != "auto" else ("kvm" if kvm_usable() else "tcg")
+        )
+        pre = Prepared(spec=the_spec, accel=accel, isolated=o.isolation == "on")
+        self._boots_os = the_spec.kernel_boot is not None or bool(the_spec.disks)
+        if any(n.mode == "tap" for n in the_spec.nics):
+            pre.dnsmasq = shutil.which(o.dnsmasq) or ""
+            if not pre.dnsmasq:
+                raise StartupError(
+                    f"dnsmasq binary {o.dnsmasq!r} not found (needed by the spec's tap nics)"
+                )
+        if the_spec.shares:
+            pre.virtiofsd, pre.virtiofsd_flavour = await self._find_virtiofsd()
+        if not pre.isolated:
+            log.warning(
+                "isolation-off",
+                detail="no cgroups, no pinning: vCPUs share every CPU "
+                "with everything else (for trying the runner, not for production)",
+            )
+            log.info("plan", name=the_spec.name, accel=accel, isolation="off")
+            return pre
+
         cg = CgroupFS(o.cgroup_mount)
         try:
             cg.check_v2_cpuset()
@@ -363,12 +564,7 @@ class Supervisor:
             )
         except (kube.KubeError, plan.PlanError, CgroupError) as e:
             raise StartupError(str(e)) from None
-        qemu_path = shutil.which(the_spec.qemu_binary)
-        if qemu_path is None:
-            raise StartupError(f"QEMU binary {the_spec.qemu_binary!r} not found")
-        accel: Literal["kvm", "tcg"] = (
-            the_spec.accel if the_spec.accel != "auto" else ("kvm" if kvm_usable() else "tcg")
-        )
+        pre.cg, pre.own, pre.pod, pre.plan, pre.cgroups = cg, own, pod, the_plan, cgroups
         log.info(
             "plan",
             name=the_spec.name,
@@ -380,7 +576,12 @@ class Supervisor:
             accel=accel,
             kubelet_state="read" if kubelet else "absent",
         )
+        return pre
 
+    async def _isolate(self, pre: Prepared) -> None:
+        """Anchor in the container cgroup, float and instance cgroups, ourselves into float."""
+        assert pre.cg is not None and pre.plan is not None and pre.cgroups is not None
+        cg, cgroups, own = pre.cg, pre.cgroups, pre.own
         await self._checkpoint("anchor")
         # systemd removes a scope with no process in it: something must stay behind.
         anchor = self.reaper.spawn("anchor", ["sleep", "infinity"])
@@ -389,72 +590,159 @@ class Supervisor:
         await self._checkpoint("cgroups")
         self.teardown.push("release the instance cgroup", cgroups.release)
         try:
-            float_cg, instance_cg = await cgroups.obtain(the_plan)
+            pre.float_cg, pre.instance_cg = await cgroups.obtain(pre.plan)
         except CgroupError as e:
             raise StartupError(str(e)) from None
-        log.info("cgroups-ready", float=float_cg, instance=instance_cg)
+        log.info("cgroups-ready", float=pre.float_cg, instance=pre.instance_cg)
 
         await self._checkpoint("float")
         try:
-            cg.move_process(float_cg, os.getpid())
+            cg.move_process(pre.float_cg, os.getpid())
         except CgroupError as e:
             raise StartupError(str(e)) from None
         self.teardown.push(
             "move back to the container cgroup", _async(cg.move_process, own, os.getpid())
         )
         now_in = kube.own_cgroup_path(None, read_optional("/proc/self/cgroup"))
-        if now_in != float_cg:
-            raise StartupError(f"moved to {float_cg} but the kernel has us in {now_in}")
+        if now_in != pre.float_cg:
+            raise StartupError(f"moved to {pre.float_cg} but the kernel has us in {now_in}")
+        # Everything we start from now on (dnsmasq, virtiofsd) runs on the shared CPUs.
         for task in os.listdir("/proc/self/task"):
-            os.sched_setaffinity(int(task), the_plan.float_cpus)
-        log.info("moved-to-float", cgroup=float_cg, cpus=cpus.format(the_plan.float_cpus))
+            os.sched_setaffinity(int(task), pre.plan.float_cpus)
+        log.info("moved-to-float", cgroup=pre.float_cg, cpus=cpus.format(pre.plan.float_cpus))
 
-        await self._checkpoint("qemu")
-        qmp = QMP(the_spec.name)
+    async def _plumb(self, pre: Prepared) -> Plumbing:
+        """Taps with dnsmasq, virtiofsd per share, the console: everything QEMU will use."""
+        o, the_spec = self.opts, pre.spec
+        assert self._nursery is not None
+        run_dir = Path(o.run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        out = Plumbing()
+        keep: list[int] = []  # fds QEMU inherits; ours are closed once it has them
+        for i, nic in enumerate(the_spec.nics):
+            if nic.mode == "tap-fd":
+                assert nic.fd is not None
+                out.nic_fds.append(nic.fd)
+                continue
+            name = the_spec.tap_name(i)
+            try:
+                fd = plumbing.create_tap(name)
+            except plumbing.PlumbingError as e:
+                raise StartupError(str(e)) from None
+            self.teardown.push(f"close tap {name}", _async(_close_quietly, fd))
+            out.nic_fds.append(fd)
+            keep.append(fd)
+            try:
+                await plumbing.run_command(
+                    self.reaper,
+                    self._nursery,
+                    ["ip", "address", "add", f"{nic.gateway_address}/{nic.prefix}", "dev", name],
+                )
+                await plumbing.run_command(
+                    self.reaper,
+                    self._nursery,
+                    ["ip", "link", "set", "dev", name, "mtu", str(nic.mtu), "up"],
+                )
+            except plumbing.PlumbingError as e:
+                raise StartupError(str(e)) from None
+            await self._start_dnsmasq(f"dnsmasq-{name}", dnsmasq_argv(the_spec, i, pre.dnsmasq))
+            log.info(
+                "tap-ready",
+                tap=name,
+                gateway=str(nic.gateway_address),
+                ip=nic.ip,
+                mac=the_spec.mac(i),
+            )
+        for i, share in enumerate(the_spec.shares):
+            socket_path = str(run_dir / f"virtiofs-{i}.sock")
+            Path(socket_path).unlink(missing_ok=True)
+            argv = virtiofsd_argv(share, socket_path, pre.virtiofsd, pre.virtiofsd_flavour)
+            name = f"virtiofsd-{share.tag}"
+            try:
+                child = await plumbing.start_virtiofsd(
+                    self.reaper, self._nursery, name, argv, socket_path, timeout=10
+                )
+            except plumbing.PlumbingError as e:
+                raise StartupError(str(e)) from None
+            self.teardown.push(f"stop {name}", _stopper(child))
+            self.teardown.push(
+                f"remove {socket_path}", _async(Path(socket_path).unlink, missing_ok=True)
+            )
+            self.critical.append(child)
+            out.share_sockets.append(socket_path)
+            log.info("share-ready", tag=share.tag, source=share.source, read_only=share.read_only)
+        if the_spec.console.stdout or the_spec.console.log_file:
+            ours, theirs = socket.socketpair()
+            out.console_theirs = theirs
+            self._nursery.start_soon(self._forward_console, ours.detach(), the_spec)
+        out.close_after_spawn = keep
+        return out
+
+    async def _launch_qemu(self, pre: Prepared, parts: Plumbing) -> tuple[Child, QMP, float]:
+        """QEMU, paused. Isolated, it starts in the container cgroup so that its (preallocated)
+        RAM is charged to the pod, and moves to float once QMP answers."""
+        assert self._nursery is not None
+        qmp = QMP(pre.spec.name)
+        self.qmp = qmp
         self.teardown.push("close QMP", qmp.close)
         ours, theirs = socket.socketpair()
-        err_r, err_w = os.pipe()
-        argv = qemu_argv(
-            attrs.evolve(the_spec, qemu_binary=qemu_path), accel, Wiring(qmp_fd=theirs.fileno())
+        parts.qmp_ours = ours
+        wiring = Wiring(
+            qmp_fd=theirs.fileno(),
+            console_fd=parts.console_theirs.fileno() if parts.console_theirs else None,
+            nic_fds=tuple(parts.nic_fds),
+            share_sockets=tuple(parts.share_sockets),
         )
+        argv = qemu_argv(pre.spec, pre.accel, wiring)
+        if pre.isolated:
+            assert pre.cg is not None
+            # The wrapper joins the container cgroup, then becomes QEMU (same pid).
+            procs = str(pre.cg.dir(pre.own) / "cgroup.procs")
+            argv = ["sh", "-c", 'echo $$ > "$0" && exec "$@"', procs, *argv]
+        inherit = [wiring.qmp_fd, *wiring.nic_fds]
+        inherit += [d.fd for d in pre.spec.disks if d.fd is not None]
+        if wiring.console_fd is not None:
+            inherit.append(wiring.console_fd)
+        err_r, err_w = os.pipe()
         started = time.monotonic()
         try:
-            qemu = self.reaper.spawn("qemu", argv, pass_fds=[theirs.fileno()], stderr=err_w)
+            qemu = self.reaper.spawn("qemu", argv, pass_fds=inherit, stderr=err_w)
         except OSError as e:
             raise StartupError(f"cannot start QEMU: {e.strerror}") from None
         finally:
             theirs.close()
             os.close(err_w)
+            if parts.console_theirs is not None:
+                parts.console_theirs.close()
+            for fd in parts.close_after_spawn:
+                _close_quietly(fd)
         self.qemu = qemu
         self.teardown.push(
             "stop QEMU",
             lambda: self._stop_qemu(qemu, qmp),
-            timeout=o.shutdown_timeout + QUIT_GRACE + 5,
+            timeout=self.opts.shutdown_timeout + QUIT_GRACE + 5,
         )
-        assert self._nursery is not None
         self._nursery.start_soon(self._forward_stderr, err_r)
         log.info("qemu-started", pid=qemu.pid, argv=argv)
+        return qemu, qmp, started
 
-        await self._checkpoint("qmp")
+    async def _pin(self, pre: Prepared, qemu: Child, qmp: QMP) -> list[dict[str, int]]:
+        """QEMU into float (its RAM is allocated by now), then each vCPU thread into the
+        instance cgroup and onto its CPU."""
+        assert pre.cg is not None and pre.plan is not None and pre.instance_cg is not None
+        cg, instance_cg = pre.cg, pre.instance_cg
         try:
-            await qmp.connect(ours, o.qmp_timeout)
-        except QMPError as e:
-            raise StartupError(await self._qemu_failure(qemu, str(e))) from None
-        self._nursery.start_soon(self._drain_events, qmp)
-        qmp_ready = time.monotonic()
-
-        await self._checkpoint("pin")
-        try:
+            cg.move_process(pre.float_cg, qemu.pid)  # type: ignore[arg-type]
             found = await qmp.execute("query-cpus-fast")
-        except QMPError as e:
+        except (CgroupError, QMPError) as e:
             raise StartupError(await self._qemu_failure(qemu, str(e))) from None
         vcpus = sorted(found, key=lambda v: v["cpu-index"])
-        if len(vcpus) != the_spec.vcpus:
+        if len(vcpus) != pre.spec.vcpus:
             raise StartupError(
-                f"QEMU reports {len(vcpus)} vCPUs, the spec asks for {the_spec.vcpus}"
+                f"QEMU reports {len(vcpus)} vCPUs, the spec asks for {pre.spec.vcpus}"
             )
         placed = []
-        for v, cpu in zip(vcpus, the_plan.placement, strict=True):
+        for v, cpu in zip(vcpus, pre.plan.placement, strict=True):
             tid = int(v["thread-id"])
             try:
                 # Cgroup first, then affinity: on 6.1 a cpuset move resets the affinity.
@@ -472,52 +760,77 @@ class Supervisor:
                     f"cgroup {in_cgroup}, CPUs {cpus.format(allowed)}"
                 )
             placed.append({"vcpu": v["cpu-index"], "tid": tid, "cpu": cpu})
-        pinned = time.monotonic()
-        try:
-            status = (await qmp.execute("query-status"))["status"]
-            ticks = {p["tid"]: cpu_ticks(qemu.pid, p["tid"]) for p in placed}
-        except (QMPError, OSError) as e:
-            raise StartupError(await self._qemu_failure(qemu, str(e))) from None
-        if status not in ("prelaunch", "paused"):
-            raise StartupError(f"the guest was {status!r} before its vCPUs were pinned")
+        return placed
 
-        await self._checkpoint("cont")
-        try:
-            await qmp.execute("cont")
-        except QMPError as e:
-            raise StartupError(await self._qemu_failure(qemu, str(e))) from None
-        ready = {
-            "name": the_spec.name,
-            "pod_uid": pod.pod_uid,
-            "qemu_pid": qemu.pid,
-            "instance_cgroup": instance_cg,
-            "float_cgroup": float_cg,
-            "float_cpus": cpus.format(the_plan.float_cpus),
-            "vcpus": placed,
-            "status_at_pin": status,
-            "vcpu_ticks_before_cont": ticks,
-            "timings_ms": {
-                "qemu_start_to_qmp": round((qmp_ready - started) * 1000, 1),
-                "qmp_to_pinned": round((pinned - qmp_ready) * 1000, 1),
-                "qemu_start_to_pinned": round((pinned - started) * 1000, 1),
-            },
-        }
-        ready_file = Path(o.run_dir) / "ready"
-        write_atomic(ready_file, json.dumps(ready, indent=1))
-        self.teardown.push("remove readiness file", _async(ready_file.unlink, missing_ok=True))
-        log.info(
-            "instance-pinned",
-            vcpus=len(placed),
-            ms=round((pinned - started) * 1000, 1),
-            placement={p["vcpu"]: p["cpu"] for p in placed},
+    async def _find_virtiofsd(self) -> tuple[str, Literal["c", "rust"]]:
+        wanted = self.opts.virtiofsd
+        candidates = [wanted] if wanted else list(VIRTIOFSD_PATHS)
+        for candidate in candidates:
+            path = shutil.which(candidate)
+            if path:
+                # The Rust daemon has --shared-dir; the C one (QEMU's) takes -o source=.
+                try:
+                    text = Path(path).read_bytes()
+                except OSError:
+                    text = b""
+                return path, "rust" if b"shared-dir" in text else "c"
+        raise StartupError(
+            f"virtiofsd not found (looked for {', '.join(candidates)}); the spec's shares need it"
         )
+
+    async def _start_dnsmasq(self, name: str, argv: list[str]) -> None:
+        assert self._nursery is not None
+        scope = trio.CancelScope()
+        done = trio.Event()
+
+        async def run(task_status: trio.TaskStatus[None]) -> None:
+            try:
+                with scope:
+                    await plumbing.supervise_dnsmasq(
+                        self.reaper, name, argv, task_status=task_status
+                    )
+            except Exception as e:  # the reaper shares this nursery: never take it down
+                log.error("dnsmasq-failed", child=name, error=str(e))
+            finally:
+                done.set()
+
+        async def stop() -> None:
+            scope.cancel()
+            await done.wait()
+
+        await self._nursery.start(run)
+        self.teardown.push(f"stop {name}", stop)
+
+    async def _forward_console(self, fd: int, the_spec: spec.InstanceSpec) -> None:
+        log_file = None
+        if the_spec.console.log_file:
+            try:
+                log_file = open(the_spec.console.log_file, "a", buffering=1)  # noqa: SIM115
+            except OSError as e:
+                log.warning(
+                    "console-log-unavailable", path=the_spec.console.log_file, error=e.strerror
+                )
+
+        def on_line(line: str) -> None:
+            if the_spec.console.stdout:
+                print(f"[{the_spec.name}] {line}", flush=True)
+            if log_file is not None:
+                log_file.write(line + "\n")
+            self.console_tail[:] = [*self.console_tail[-49:], line]
+
+        try:
+            await plumbing.forward_lines(fd, on_line)
+        finally:
+            if log_file is not None:
+                log_file.close()
 
     # --- helpers -----------------------------------------------------------------------------
 
-    async def _stop_qemu(self, qemu: Child, qmp: QMP) -> None:
-        """ACPI power-off, then `quit`, then SIGKILL; each only if the previous did not end it."""
+    async def _stop_qemu(self, qemu: Child, qmp: QMP) -> int:
+        """ACPI power-off, then `quit`, then SIGKILL; each only if the previous did not end it.
+        Returns the runner's exit code for the way it ended."""
         if not qemu.running:
-            return
+            return EXIT_POWERED_OFF
         timeout = self.opts.shutdown_timeout
         # Wait whatever QMP answered: a lost reply must not turn a clean exit into a SIGKILL.
         with trio.move_on_after(timeout):
@@ -535,10 +848,24 @@ class Supervisor:
                 except QMPError as e:
                     log.warning("qmp-failed", command="quit", error=str(e))
                 await qemu.wait()
-        if qemu.running:
-            log.warning("qemu-stopping", how="SIGKILL")
-            qemu.send_signal(signal.SIGKILL)
-            await qemu.wait()
+            if not qemu.running and not self._boots_os:
+                # Firmware only: no OS to answer the power button, `quit` is its clean stop.
+                log.info("qemu-stopped", how="quit", detail="firmware-only guest")
+                return EXIT_POWERED_OFF
+            if not qemu.running:
+                log.warning(
+                    "qemu-stopped",
+                    how="quit",
+                    detail=f"the guest ignored the power button for {timeout:g} s",
+                )
+                return EXIT_QUIT
+        else:
+            log.info("qemu-stopped", how="guest power-off")
+            return EXIT_POWERED_OFF
+        log.warning("qemu-stopping", how="SIGKILL")
+        qemu.send_signal(signal.SIGKILL)
+        await qemu.wait()
+        return EXIT_KILLED
 
     async def _qemu_failure(self, qemu: Child, detail: str) -> str:
         with trio.move_on_after(2):

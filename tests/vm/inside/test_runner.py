@@ -330,7 +330,9 @@ def test_not_cgroup_v2(node: Node, tmp_path: Path) -> None:
     assert_nothing_left(rp.pod.uid)
 
 
-@pytest.mark.parametrize("step", ["anchor", "cgroups", "float", "qemu", "qmp", "pin", "cont"])
+@pytest.mark.parametrize(
+    "step", ["anchor", "cgroups", "float", "plumbing", "qemu", "qmp", "pin", "cont"]
+)
 def test_sigterm_at_each_start_up_step(node: Node, tmp_path: Path, step: str) -> None:
     rp = start_runner(node, tmp_path, "1-2", "--pause-before", step)
     wait_for(

@@ -1,0 +1,149 @@
+"""What a guest needs besides QEMU: taps with DHCP (dnsmasq), virtiofs daemons, the console.
+
+Thin effectful layer; the command lines come from runner.qemu. Every child goes through the
+one reaper (runner.procs), including the short `ip` commands.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import struct
+from collections.abc import Callable
+from pathlib import Path
+
+import trio
+
+from runner.log import log
+from runner.procs import Child, Reaper
+
+TUNSETIFF = 0x400454CA
+IFF_TAP, IFF_NO_PI = 0x0002, 0x1000
+
+
+class PlumbingError(Exception):
+    """A guest resource could not be set up; the message is for the operator."""
+
+
+async def forward_lines(fd: int, on_line: Callable[[str], None]) -> None:
+    """Read a pipe or socket to its end, one callback per line. Never raises."""
+    try:
+        stream = trio.lowlevel.FdStream(fd)
+        buf = b""
+        async with stream:
+            while chunk := await stream.receive_some(65536):
+                buf += chunk
+                *lines, buf = buf.split(b"\n")
+                for raw in lines:
+                    on_line(raw.decode(errors="replace").rstrip("\r"))
+            if buf:
+                on_line(buf.decode(errors="replace"))
+    except Exception as e:  # output is lost, the instance is not
+        log.warning("output-lost", error=f"{type(e).__name__}: {e}")
+
+
+def spawn_logged(
+    reaper: Reaper, nursery: trio.Nursery, name: str, argv: list[str], tail: list[str] | None = None
+) -> Child:
+    """Start a child whose stdout and stderr become log events (and its last lines in `tail`)."""
+    r, w = os.pipe()
+    try:
+        child = reaper.spawn(name, argv, stdout=w, stderr=w)
+    finally:
+        os.close(w)
+
+    def on_line(line: str) -> None:
+        if tail is not None:
+            tail[:] = [*tail[-9:], line]
+        log.info("child-output", child=name, line=line)
+
+    nursery.start_soon(forward_lines, r, on_line)
+    return child
+
+
+async def run_command(
+    reaper: Reaper, nursery: trio.Nursery, argv: list[str], timeout: float = 10
+) -> None:
+    """A short command that must succeed (e.g. `ip`); PlumbingError with its output if not."""
+    tail: list[str] = []
+    try:
+        child = spawn_logged(reaper, nursery, argv[0].rsplit("/", 1)[-1], argv, tail)
+    except OSError as e:
+        raise PlumbingError(f"cannot run {argv[0]}: {e.strerror}") from None
+    with trio.move_on_after(timeout):
+        code = await child.wait()
+        await trio.sleep(0.01)  # its last line
+        if code == 0:
+            return
+        raise PlumbingError(f"{' '.join(argv)} failed ({code}): {tail[-1] if tail else ''}")
+    await child.stop(1)
+    raise PlumbingError(f"{' '.join(argv)} did not finish within {timeout:g} s")
+
+
+def create_tap(name: str) -> int:
+    """A new, non-persistent tap: it vanishes when the last fd (ours, QEMU's) closes."""
+    if Path(f"/sys/class/net/{name}").exists():
+        raise PlumbingError(f"network device {name} already exists")
+    try:
+        fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+    except OSError as e:
+        raise PlumbingError(f"cannot open /dev/net/tun: {e.strerror}") from None
+    try:
+        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), IFF_TAP | IFF_NO_PI))
+    except OSError as e:
+        os.close(fd)
+        raise PlumbingError(f"cannot create tap {name}: {e.strerror}") from None
+    return fd
+
+
+async def start_virtiofsd(
+    reaper: Reaper, nursery: trio.Nursery, name: str, argv: list[str], socket: str, timeout: float
+) -> Child:
+    """Start virtiofsd and wait for its socket: QEMU must not start before it exists."""
+    tail: list[str] = []
+    try:
+        child = spawn_logged(reaper, nursery, name, argv, tail)
+    except OSError as e:
+        raise PlumbingError(f"cannot start {argv[0]}: {e.strerror}") from None
+    with trio.move_on_after(timeout):
+        while not Path(socket).exists():
+            if not child.running:
+                await trio.sleep(0.05)  # its last words
+                raise PlumbingError(
+                    f"{name} exited with code {child.exit_code}: "
+                    f"{tail[-1] if tail else 'no output'}"
+                )
+            await trio.sleep(0.02)
+        return child
+    await child.stop(1)
+    raise PlumbingError(f"{name} did not create {socket} within {timeout:g} s")
+
+
+async def supervise_dnsmasq(
+    reaper: Reaper,
+    name: str,
+    argv: list[str],
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Keep dnsmasq running: DHCP is not fatal, so a dead dnsmasq is restarted with backoff.
+    Cancelling this task stops it."""
+    delay = 0.5
+    started = False
+    async with trio.open_nursery() as nursery:
+        while True:
+            try:
+                child = spawn_logged(reaper, nursery, name, argv)
+            except OSError as e:
+                raise PlumbingError(f"cannot start dnsmasq: {e.strerror}") from None
+            if not started:
+                task_status.started()
+                started = True
+            try:
+                code = await child.wait()
+            finally:
+                if child.running:
+                    with trio.CancelScope(shield=True):
+                        await child.stop(2)
+            log.warning("dnsmasq-restart", child=name, code=code, delay=delay)
+            await trio.sleep(delay)
+            delay = min(delay * 2, 10.0)
