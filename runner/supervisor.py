@@ -396,6 +396,11 @@ class Supervisor:
         self._interruptible = None
         dead = [c for c in broken if c is not qemu]
         if dead and qemu.running:
+            # virtiofsd also ends when its client goes: when the guest powers off, QEMU's
+            # exit may simply not be reaped yet. Only a QEMU still running is a broken one.
+            with trio.move_on_after(1):  # (nothing else can cancel us here)
+                await qemu.wait()
+        if dead and qemu.running:
             log.error(
                 "instance-broken",
                 child=dead[0].name,

@@ -1,0 +1,286 @@
+"""Guest plumbing end to end with a real Linux guest (images/guest), directly on this machine:
+each test gets its own network namespace; the runner runs there with --isolation off (cgroups
+are proven in the test VM). DHCP from the runner's dnsmasq, a virtiofs share, the console,
+power-off, and the faults."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        os.geteuid() != 0 or shutil.which("ip") is None,
+        reason="needs root and iproute2 for network namespaces",
+    ),
+]
+_names = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def guest_image() -> Path:
+    out = subprocess.run(
+        [sys.executable, str(REPO / "images/guest/build.py")],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return Path(out.stdout.strip())
+
+
+class Netns:
+    def __init__(self, name: str, tmp: Path, image: Path) -> None:
+        self.name, self.tmp, self.image = name, tmp, image
+        self.share = tmp / "share"
+        self.share.mkdir()
+        (self.share / "hello.txt").write_text("hello from the host\n")
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.started: list[int] = []
+
+    def spec(self, cmdline_extra: str = "", **fields: object) -> Path:
+        doc: dict[str, object] = {
+            "name": "e2e",
+            "vcpus": 1,
+            "memory_mib": 256,
+            "accel": "tcg",
+            "boot": {
+                "kernel": str(self.image / "vmlinuz"),
+                "initrd": str(self.image / "initrd.gz"),
+                "cmdline": "console=ttyS0 quiet panic=-1 guest.share=data "
+                "guest.read=hello.txt " + cmdline_extra,
+            },
+            "nics": [{"mode": "tap", "ip": "10.0.2.15", "prefix": 24}],
+            "shares": [{"source": str(self.share), "tag": "data"}],
+        }
+        doc.update(fields)
+        path = self.tmp / "spec.json"
+        path.write_text(json.dumps(doc))
+        return path
+
+    def start(self, spec: Path, *args: str) -> subprocess.Popen[bytes]:
+        self.out = self.tmp / "stdout"
+        self.err = self.tmp / "stderr"
+        self.proc = subprocess.Popen(
+            [
+                "ip",
+                "netns",
+                "exec",
+                self.name,
+                sys.executable,
+                "-m",
+                "runner.cli",
+                "run",
+                "--isolation",
+                "off",
+                "--spec",
+                str(spec),
+                "--run-dir",
+                str(self.tmp / "run"),
+                "--shutdown-timeout",
+                "10",
+                *args,
+            ],
+            stdout=open(self.out, "wb"),  # noqa: SIM115 - the child owns them
+            stderr=open(self.err, "wb"),  # noqa: SIM115
+        )
+        return self.proc
+
+    def console(self) -> str:
+        return self.out.read_text() if self.out.exists() else ""
+
+    def logs(self) -> list[dict]:
+        return [
+            json.loads(line) for line in self.err.read_text().splitlines() if line.startswith("{")
+        ]
+
+    def wait_console(self, marker: str, timeout: float = 90) -> str:
+        deadline = time.monotonic() + timeout
+        assert self.proc is not None
+        while time.monotonic() < deadline:
+            for line in self.console().splitlines():
+                if marker in line:
+                    self.started = self.descendants()
+                    return line
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        raise AssertionError(
+            f"no {marker!r} on the console:\n{self.console()}\n{self.err.read_text()[-3000:]}"
+        )
+
+    def finish(self, sig: int | None = signal.SIGTERM, timeout: float = 60) -> int:
+        assert self.proc is not None
+        if sig is not None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout=timeout)
+
+    def pids(self) -> list[int]:
+        out = subprocess.run(["ip", "netns", "pids", self.name], capture_output=True, text=True)
+        return [int(p) for p in out.stdout.split()]
+
+    def descendants(self) -> list[int]:
+        """Everything the runner started (virtiofsd sandboxes itself into its own netns)."""
+        assert self.proc is not None
+        found, todo = [], [self.proc.pid]
+        while todo:
+            pid = todo.pop()
+            try:
+                kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+            except OSError:
+                continue
+            found += [int(k) for k in kids]
+            todo += [int(k) for k in kids]
+        return found
+
+    def process(self, comm: str) -> int:
+        for pid in self.descendants():
+            with_comm = Path(f"/proc/{pid}/comm")
+            if with_comm.exists() and with_comm.read_text().strip().startswith(comm):
+                return pid
+        raise AssertionError(f"no {comm} in {self.name}")
+
+    def devices(self) -> list[str]:
+        out = subprocess.run(
+            ["ip", "netns", "exec", self.name, "ip", "-o", "link"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return [line.split(":")[1].strip() for line in out.stdout.splitlines()]
+
+    def assert_nothing_left(self) -> None:
+        assert self.pids() == [], "processes left in the namespace"
+        alive = [p for p in self.started if Path(f"/proc/{p}").exists()]
+        assert alive == [], f"children of the runner left: {alive}"
+        assert self.devices() == ["lo"], "network devices left behind"
+        assert not (self.tmp / "run" / "ready").exists()
+        assert not list((self.tmp / "run").glob("*.sock")) if (self.tmp / "run").exists() else True
+
+
+@pytest.fixture
+def netns(tmp_path: Path, guest_image: Path) -> Iterator[Netns]:
+    name = f"ir-e2e-{os.getpid()}-{next(_names)}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    ns = Netns(name, tmp_path, guest_image)
+    try:
+        yield ns
+    finally:
+        if ns.proc is not None and ns.proc.poll() is None:
+            ns.proc.kill()
+            ns.proc.wait()
+        for pid in ns.pids():
+            os.kill(pid, signal.SIGKILL)
+        subprocess.run(["ip", "netns", "del", name], check=True)
+
+
+def test_lease_share_console_and_clean_power_off(netns: Netns) -> None:
+    netns.start(netns.spec("guest.write=ip.txt"))
+    ready = netns.wait_console("GUEST-READY")
+    # Exactly the leased address; the gateway the runner gave the tap answers pings.
+    assert ready == "[e2e] GUEST-READY ip=10.0.2.15 gw=10.0.2.1 ping=ok read=hello from the host"
+    assert (netns.share / "ip.txt").read_text() == "10.0.2.15\n"  # read-write share
+    state = json.loads((netns.tmp / "run" / "ready").read_text())
+    assert state["isolation"] == "off" and state["nics"][0]["ip"] == "10.0.2.15"
+    assert netns.devices() == ["lo", "tap0"]
+    assert netns.finish() == 0
+    assert "[e2e] GUEST-POWEROFF" in netns.console()  # the guest's own clean power-off
+    events = netns.logs()
+    assert any(e["event"] == "qemu-stopped" and e.get("how") == "guest power-off" for e in events)
+    shutdown = [e for e in events if e["event"] == "qemu-event" and e["name"] == "SHUTDOWN"]
+    assert shutdown and shutdown[0]["data"]["guest"] is True
+    assert any(e["event"] == "isolation-off" and e["level"] == "warning" for e in events)
+    netns.assert_nothing_left()
+
+
+def test_read_only_share_is_enforced(netns: Netns) -> None:
+    spec = netns.spec(
+        "guest.write=ip.txt",
+        shares=[{"source": str(netns.share), "tag": "data", "read_only": True}],
+    )
+    netns.start(spec)
+    line = netns.wait_console("GUEST-ERROR")
+    assert "cannot write ip.txt" in line
+    assert not (netns.share / "ip.txt").exists()
+    assert netns.finish(sig=None) == 0  # the guest powered itself off
+    netns.assert_nothing_left()
+
+
+def test_killed_dnsmasq_is_restarted_and_the_guest_runs_on(netns: Netns) -> None:
+    netns.start(netns.spec())
+    netns.wait_console("GUEST-READY")
+    first = netns.process("dnsmasq")
+    os.kill(first, signal.SIGKILL)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            second = netns.process("dnsmasq")
+            if second != first:
+                break
+        except AssertionError:
+            pass
+        time.sleep(0.1)
+    else:
+        raise AssertionError("dnsmasq was not restarted")
+    assert any(e["event"] == "dnsmasq-restart" for e in netns.logs())
+    assert netns.proc is not None and netns.proc.poll() is None
+    assert netns.finish() == 0
+    assert "[e2e] GUEST-POWEROFF" in netns.console()
+    netns.assert_nothing_left()
+
+
+def test_killed_virtiofsd_breaks_the_instance(netns: Netns) -> None:
+    netns.start(netns.spec())
+    netns.wait_console("GUEST-READY")
+    os.kill(netns.process("virtiofsd"), signal.SIGKILL)
+    assert netns.finish(sig=None) == 1
+    errors = [e for e in netns.logs() if e["level"] == "error"]
+    assert [e["event"] for e in errors] == ["instance-broken"]
+    netns.assert_nothing_left()
+
+
+def test_guest_ignoring_the_power_button_is_quit(netns: Netns) -> None:
+    netns.start(netns.spec("guest.ignore_power=1"), "--shutdown-timeout", "2")
+    netns.wait_console("GUEST-READY")
+    start = time.monotonic()
+    assert netns.finish() == 124
+    assert 2 <= time.monotonic() - start < 2 + 3 + 3
+    assert "GUEST-IGNORING-POWER-BUTTON" in netns.console()
+    netns.assert_nothing_left()
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"disks": [{"path": "/nonexistent/disk.img"}]}, "/nonexistent/disk.img does not exist"),
+        ({"shares": [{"source": "/nonexistent/dir", "tag": "data"}]}, "is not a directory"),
+        (
+            {"nics": [{"mode": "tap", "ip": "10.0.2.15", "mac": "zz:54:00:12:34:56"}]},
+            "must be a unicast address",
+        ),
+        ({"nics": [{"mode": "tap", "ip": "10.0.2.999"}]}, "is not an IPv4 address"),
+        ({"nics": [{"mode": "tap", "ip": "10.0.2.15", "tap": "taken0"}]}, "already exists"),
+    ],
+)
+def test_refusals_leave_nothing(netns: Netns, fields: dict[str, object], message: str) -> None:
+    subprocess.run(
+        ["ip", "netns", "exec", netns.name, "ip", "tuntap", "add", "taken0", "mode", "tap"],
+        check=True,
+    )
+    netns.start(netns.spec(**fields))
+    assert netns.finish(sig=None) == 1
+    errors = [e for e in netns.logs() if e["level"] == "error"]
+    assert len(errors) == 1 and message in errors[0]["error"], errors
+    assert netns.pids() == []
+    assert netns.devices() == ["lo", "taken0"]  # ours untouched, nothing of the runner's
