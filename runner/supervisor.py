@@ -524,6 +524,12 @@ class Supervisor:
                 )
         if the_spec.shares:
             pre.virtiofsd, pre.virtiofsd_flavour = await self._find_virtiofsd()
+            longest = str(Path(o.run_dir) / f"virtiofs-{len(the_spec.shares)}.sock")
+            if len(longest.encode()) > 107:
+                raise StartupError(
+                    f"--run-dir {o.run_dir} is too long for the virtiofs sockets "
+                    "in it (Unix socket paths are at most 107 bytes)"
+                )
         if not pre.isolated:
             log.warning(
                 "isolation-off",
@@ -882,22 +888,11 @@ class Supervisor:
         return f"QEMU exited during start-up with code {qemu.exit_code}: {last}"
 
     async def _forward_stderr(self, fd: int) -> None:
-        try:
-            await self._forward_stderr_lines(fd)
-        except Exception as e:  # the reaper shares this nursery: never take it down
-            log.warning("qemu-stderr-lost", error=f"{type(e).__name__}: {e}")
+        def on_line(line: str) -> None:
+            self._qemu_stderr = [*self._qemu_stderr[-9:], line]
+            log.info("qemu-stderr", line=line)
 
-    async def _forward_stderr_lines(self, fd: int) -> None:
-        stream = trio.lowlevel.FdStream(fd)
-        buf = b""
-        async with stream:
-            while chunk := await stream.receive_some(65536):
-                buf += chunk
-                *lines, buf = buf.split(b"\n")
-                for raw in lines:
-                    line = raw.decode(errors="replace").rstrip()
-                    self._qemu_stderr = [*self._qemu_stderr[-9:], line]
-                    log.info("qemu-stderr", line=line)
+        await plumbing.forward_lines(fd, on_line)  # never raises: the reaper shares the nursery
 
     async def _drain_events(self, qmp: QMP) -> None:
         try:

@@ -186,7 +186,17 @@ def netns(tmp_path: Path, guest_image: Path) -> Iterator[Netns]:
 
 
 def test_lease_share_console_and_clean_power_off(netns: Netns) -> None:
-    netns.start(netns.spec("guest.write=ip.txt"))
+    disk = netns.tmp / "data.raw"
+    with open(disk, "wb") as f:
+        f.truncate(4 << 20)
+    console_log = netns.tmp / "console.log"
+    netns.start(
+        netns.spec(
+            "guest.write=ip.txt",
+            disks=[{"path": str(disk), "read_only": True}],
+            console={"stdout": True, "log_file": str(console_log)},
+        )
+    )
     ready = netns.wait_console("GUEST-READY")
     # Exactly the leased address; the gateway the runner gave the tap answers pings.
     assert ready == "[e2e] GUEST-READY ip=10.0.2.15 gw=10.0.2.1 ping=ok read=hello from the host"
@@ -194,7 +204,10 @@ def test_lease_share_console_and_clean_power_off(netns: Netns) -> None:
     state = json.loads((netns.tmp / "run" / "ready").read_text())
     assert state["isolation"] == "off" and state["nics"][0]["ip"] == "10.0.2.15"
     assert netns.devices() == ["lo", "tap0"]
+    qemu_args = next(e["argv"] for e in netns.logs() if e["event"] == "qemu-started")
+    assert f"if=none,id=disk0,file={disk},format=raw,cache=writeback,readonly=on" in qemu_args
     assert netns.finish() == 0
+    assert "GUEST-READY ip=10.0.2.15" in console_log.read_text()  # the log file, unprefixed
     assert "[e2e] GUEST-POWEROFF" in netns.console()  # the guest's own clean power-off
     events = netns.logs()
     assert any(e["event"] == "qemu-stopped" and e.get("how") == "guest power-off" for e in events)

@@ -47,6 +47,7 @@ def test_real_guest_isolated_end_to_end(node: Node, tmp_path: Path) -> None:
         )
     )
     out = tmp_path / "console"
+    run_dir = Path(f"/run/smoke-{os.getpid()}")  # short: it holds Unix sockets
     cmd = [
         "sh",
         "-c",
@@ -57,13 +58,13 @@ def test_real_guest_isolated_end_to_end(node: Node, tmp_path: Path) -> None:
         "--spec",
         str(spec),
         "--run-dir",
-        str(tmp_path / "run"),
+        str(run_dir),
         "--kubelet-dir",
         str(node.kubelet),
         "--shutdown-timeout",
         "60",
     ]
-    rp = RunnerPod(node.start("--cpus", "1-2", "--grace", "120", cmd=cmd), tmp_path / "run")
+    rp = RunnerPod(node.start("--cpus", "1-2", "--grace", "120", cmd=cmd), run_dir)
     ready = rp.wait_ready(timeout=120)
     assert {v["cpu"] for v in ready["vcpus"]} == {1, 2}
 
