@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -152,7 +153,9 @@ def run(log_format: str, log_level: str, **kw: Any) -> None:
     cgroup. SIGTERM powers the guest off and undoes every step.
     """
     log.configure(log_format, log_level)  # type: ignore[arg-type]
-    sys.exit(trio.run(Supervisor(Options(**kw)).run))
+    # Before trio opens its own: the fds a spec may name are the ones we were handed.
+    inherited = frozenset(int(fd) for fd in os.listdir("/proc/self/fd")) - {0, 1, 2}
+    sys.exit(trio.run(Supervisor(Options(**kw, inherited_fds=inherited)).run))
 
 
 @cli.command()

@@ -19,6 +19,7 @@ from runner.procs import Child, Reaper
 
 TUNSETIFF = 0x400454CA
 IFF_TAP, IFF_NO_PI = 0x0002, 0x1000
+MAX_LINE = 8192  # bytes: a guest writing without newlines must not grow PID 1's memory
 
 
 class PlumbingError(Exception):
@@ -26,7 +27,8 @@ class PlumbingError(Exception):
 
 
 async def forward_lines(fd: int, on_line: Callable[[str], None]) -> None:
-    """Read a pipe or socket to its end, one callback per line. Never raises."""
+    """Read a pipe or socket to its end, one callback per line (cut at MAX_LINE bytes).
+    Never raises."""
     try:
         stream = trio.lowlevel.FdStream(fd)
         buf = b""
@@ -34,6 +36,9 @@ async def forward_lines(fd: int, on_line: Callable[[str], None]) -> None:
             while chunk := await stream.receive_some(65536):
                 buf += chunk
                 *lines, buf = buf.split(b"\n")
+                while len(buf) > MAX_LINE:
+                    lines.append(buf[:MAX_LINE])
+                    buf = buf[MAX_LINE:]
                 for raw in lines:
                     on_line(raw.decode(errors="replace").rstrip("\r"))
             if buf:
@@ -49,6 +54,9 @@ def spawn_logged(
     r, w = os.pipe()
     try:
         child = reaper.spawn(name, argv, stdout=w, stderr=w)
+    except BaseException:
+        os.close(r)
+        raise
     finally:
         os.close(w)
 
@@ -70,14 +78,19 @@ async def run_command(
         child = spawn_logged(reaper, nursery, argv[0].rsplit("/", 1)[-1], argv, tail)
     except OSError as e:
         raise PlumbingError(f"cannot run {argv[0]}: {e.strerror}") from None
-    with trio.move_on_after(timeout):
-        code = await child.wait()
-        await trio.sleep(0.01)  # its last line
-        if code == 0:
-            return
-        raise PlumbingError(f"{' '.join(argv)} failed ({code}): {tail[-1] if tail else ''}")
-    await child.stop(1)
-    raise PlumbingError(f"{' '.join(argv)} did not finish within {timeout:g} s")
+    try:
+        with trio.move_on_after(timeout):
+            code = await child.wait()
+            await trio.sleep(0.01)  # its last line
+            if code == 0:
+                return
+            last = tail[-1] if tail else ""
+            raise PlumbingError(f"{' '.join(argv)} failed ({code}): {last}")
+        raise PlumbingError(f"{' '.join(argv)} did not finish within {timeout:g} s")
+    finally:
+        if child.running:  # timed out, or start-up interrupted: never leave it behind
+            with trio.CancelScope(shield=True):
+                await child.stop(1)
 
 
 def create_tap(name: str) -> int:
@@ -105,40 +118,52 @@ async def start_virtiofsd(
         child = spawn_logged(reaper, nursery, name, argv, tail)
     except OSError as e:
         raise PlumbingError(f"cannot start {argv[0]}: {e.strerror}") from None
-    with trio.move_on_after(timeout):
-        while not Path(socket).exists():
-            if not child.running:
-                await trio.sleep(0.05)  # its last words
-                raise PlumbingError(
-                    f"{name} exited with code {child.exit_code}: "
-                    f"{tail[-1] if tail else 'no output'}"
-                )
-            await trio.sleep(0.02)
-        return child
-    await child.stop(1)
-    raise PlumbingError(f"{name} did not create {socket} within {timeout:g} s")
+    try:
+        with trio.move_on_after(timeout):
+            while not Path(socket).exists():
+                if not child.running:
+                    await trio.sleep(0.05)  # its last words
+                    last = tail[-1] if tail else "no output"
+                    raise PlumbingError(f"{name} exited with code {child.exit_code}: {last}")
+                await trio.sleep(0.02)
+            return child
+        raise PlumbingError(f"{name} did not create {socket} within {timeout:g} s")
+    except BaseException:
+        # Refused, timed out or interrupted: the caller never gets the child, so stop it here.
+        with trio.CancelScope(shield=True):
+            await child.stop(1)
+        raise
 
 
 async def supervise_dnsmasq(
     reaper: Reaper,
     name: str,
     argv: list[str],
-    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    on_up: Callable[[], None] = lambda: None,
 ) -> None:
     """Keep dnsmasq running: DHCP is not fatal, so a dead dnsmasq is restarted with backoff.
-    Cancelling this task stops it."""
+    The first one must come up (a wrong option would otherwise loop for ever). Cancelling
+    this task stops it."""
     delay = 0.5
     started = False
     async with trio.open_nursery() as nursery:
         while True:
+            tail: list[str] = []
             try:
-                child = spawn_logged(reaper, nursery, name, argv)
+                child = spawn_logged(reaper, nursery, name, argv, tail)
             except OSError as e:
                 raise PlumbingError(f"cannot start dnsmasq: {e.strerror}") from None
-            if not started:
-                task_status.started()
-                started = True
             try:
+                if not started:
+                    with trio.move_on_after(0.5):
+                        await child.wait()
+                        await trio.sleep(0.05)  # its last words
+                        raise PlumbingError(
+                            f"{name} exited at once with code "
+                            f"{child.exit_code}: {tail[-1] if tail else ''}"
+                        )
+                    on_up()
+                    started = True
                 code = await child.wait()
             finally:
                 if child.running:

@@ -117,7 +117,8 @@ def _memory(spec: InstanceSpec) -> list[str]:
     if mem.hugepages != "none":
         props.append(f"hugetlb=on,hugetlbsize={mem.hugepages}")
     if mem.prealloc:
-        props.append("prealloc=on")
+        # One thread per vCPU: a large guest's RAM is touched in time for QMP's deadline.
+        props.append(f"prealloc=on,prealloc-threads={spec.vcpus}")
     return ["-object", ",".join(props), "-numa", "node,memdev=mem"]
 
 
@@ -134,6 +135,7 @@ def dnsmasq_argv(spec: InstanceSpec, index: int, binary: str = "dnsmasq") -> lis
         binary,
         "--keep-in-foreground",
         "--conf-file=/dev/null",
+        "--pid-file",  # none: a pod's /var/run may be read-only, and several may run
         "--port=0",
         f"--interface={spec.tap_name(index)}",
         "--bind-interfaces",

@@ -160,6 +160,9 @@ class Share:
     def __attrs_post_init__(self) -> None:
         if not _TAG.match(self.tag):
             raise ValueError(f"share tag {self.tag!r} must be 1-36 letters, digits, . _ -")
+        if "," in self.source:
+            # QEMU's C virtiofsd cannot take a comma in -o source=.
+            raise ValueError(f"share source {self.source!r} must not contain a comma")
 
 
 @attrs.frozen(kw_only=True)

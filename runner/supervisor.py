@@ -15,6 +15,7 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import time
 import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -62,6 +63,7 @@ class Options:
     controller_socket: str | None = None  # None: embedded mode, the runner makes its cgroups
     controller_timeout: float = 30.0
     pause_before: str | None = None  # fault-injection hook for tests: wait before this step
+    inherited_fds: frozenset[int] = frozenset()  # open when the runner started (spec fds)
 
 
 @attrs.define
@@ -94,16 +96,29 @@ class Plumbing:
     qmp_ours: socket.socket | None = None
 
 
-def check_guest_resources(the_spec: spec.InstanceSpec) -> None:
-    """Files and fds the spec names must be there before anything starts."""
+def check_guest_resources(the_spec: spec.InstanceSpec, inherited: frozenset[int]) -> None:
+    """Files and fds the spec names must be there before anything starts. An fd must be one
+    the runner inherited (numbers above 2 may be trio's own by now)."""
     for i, disk in enumerate(the_spec.disks):
         if disk.path is not None and not Path(disk.path).exists():
             raise StartupError(f"disk {i}: {disk.path} does not exist")
-        if disk.fd is not None and not _fd_open(disk.fd):
-            raise StartupError(f"disk {i}: fd {disk.fd} is not open")
+        if disk.fd is not None:
+            if disk.fd not in inherited or not _fd_open(disk.fd):
+                raise StartupError(f"disk {i}: fd {disk.fd} was not handed to the runner")
+            # QEMU takes an fdset fd only with the access mode the drive asks for.
+            mode = fcntl.fcntl(disk.fd, fcntl.F_GETFL) & os.O_ACCMODE
+            if mode != (os.O_RDONLY if disk.read_only else os.O_RDWR):
+                raise StartupError(
+                    f"disk {i}: fd {disk.fd} must be open "
+                    f"{'read-only' if disk.read_only else 'read-write'}"
+                )
     for i, nic in enumerate(the_spec.nics):
-        if nic.fd is not None and not _fd_open(nic.fd):
-            raise StartupError(f"nic {i}: fd {nic.fd} is not open")
+        if nic.fd is not None and (
+            nic.fd not in inherited
+            or not _fd_open(nic.fd)
+            or not stat.S_ISCHR(os.fstat(nic.fd).st_mode)
+        ):
+            raise StartupError(f"nic {i}: fd {nic.fd} is not a tap handed to the runner")
         if nic.mode == "tap" and Path(f"/sys/class/net/{the_spec.tap_name(i)}").exists():
             raise StartupError(f"nic {i}: network device {the_spec.tap_name(i)} already exists")
     for share in the_spec.shares:
@@ -301,6 +316,8 @@ class Supervisor:
         self.critical: list[Child] = []  # children whose death ends the instance (virtiofsd)
         self.console_tail: list[str] = []
         self._boots_os = False
+        self._resumed = False  # the guest has run: only then can it answer the power button
+        self._fds: set[int] = set()  # fds we own that QEMU also gets
 
     # --- the life ----------------------------------------------------------------------------
 
@@ -455,6 +472,7 @@ class Supervisor:
             await qmp.execute("cont")
         except QMPError as e:
             raise StartupError(await self._qemu_failure(qemu, str(e))) from None
+        self._resumed = True
         timings = {
             "qemu_start_to_qmp": round((qmp_ready - started) * 1000, 1),
             "qmp_to_pinned": round((pinned - qmp_ready) * 1000, 1),
@@ -506,7 +524,7 @@ class Supervisor:
             raise StartupError(f"cannot read spec {o.spec_path}: {e.strerror}") from None
         except spec.SpecError as e:
             raise StartupError(str(e)) from None
-        check_guest_resources(the_spec)
+        check_guest_resources(the_spec, o.inherited_fds)
         qemu_path = shutil.which(the_spec.qemu_binary)
         if qemu_path is None:
             raise StartupError(f"QEMU binary {the_spec.qemu_binary!r} not found")
@@ -640,7 +658,8 @@ class Supervisor:
                 fd = plumbing.create_tap(name)
             except plumbing.PlumbingError as e:
                 raise StartupError(str(e)) from None
-            self.teardown.push(f"close tap {name}", _async(_close_quietly, fd))
+            self._fds.add(fd)
+            self.teardown.push(f"close tap {name}", _async(self._close_fd, fd))
             out.nic_fds.append(fd)
             keep.append(fd)
             try:
@@ -719,6 +738,8 @@ class Supervisor:
         try:
             qemu = self.reaper.spawn("qemu", argv, pass_fds=inherit, stderr=err_w)
         except OSError as e:
+            os.close(err_r)
+            ours.close()
             raise StartupError(f"cannot start QEMU: {e.strerror}") from None
         finally:
             theirs.close()
@@ -726,7 +747,7 @@ class Supervisor:
             if parts.console_theirs is not None:
                 parts.console_theirs.close()
             for fd in parts.close_after_spawn:
-                _close_quietly(fd)
+                self._close_fd(fd)
         self.qemu = qemu
         self.teardown.push(
             "stop QEMU",
@@ -792,16 +813,18 @@ class Supervisor:
     async def _start_dnsmasq(self, name: str, argv: list[str]) -> None:
         assert self._nursery is not None
         scope = trio.CancelScope()
-        done = trio.Event()
+        up, done = trio.Event(), trio.Event()
+        failure: list[str] = []
 
         async def run(task_status: trio.TaskStatus[None]) -> None:
+            task_status.started()
             try:
                 with scope:
-                    await plumbing.supervise_dnsmasq(
-                        self.reaper, name, argv, task_status=task_status
-                    )
+                    await plumbing.supervise_dnsmasq(self.reaper, name, argv, on_up=up.set)
             except Exception as e:  # the reaper shares this nursery: never take it down
-                log.error("dnsmasq-failed", child=name, error=str(e))
+                failure.append(str(e))
+                if up.is_set():
+                    log.error("dnsmasq-failed", child=name, error=str(e))
             finally:
                 done.set()
 
@@ -811,6 +834,15 @@ class Supervisor:
 
         await self._nursery.start(run)
         self.teardown.push(f"stop {name}", stop)
+        while not (up.is_set() or done.is_set()):
+            await trio.sleep(0.02)
+        if not up.is_set():
+            raise StartupError(failure[0] if failure else f"{name} did not start")
+
+    def _close_fd(self, fd: int) -> None:
+        if fd in self._fds:
+            self._fds.discard(fd)
+            _close_quietly(fd)
 
     async def _forward_console(self, fd: int, the_spec: spec.InstanceSpec) -> None:
         log_file = None
@@ -842,9 +874,12 @@ class Supervisor:
         Returns the runner's exit code for the way it ended."""
         if not qemu.running:
             return EXIT_POWERED_OFF
-        timeout = self.opts.shutdown_timeout
+        # A guest that never ran, or runs no OS, cannot answer the power button: go to quit.
+        timeout = self.opts.shutdown_timeout if self._resumed and self._boots_os else 0
         # Wait whatever QMP answered: a lost reply must not turn a clean exit into a SIGKILL.
         with trio.move_on_after(timeout):
+            if timeout <= 0:
+                await trio.sleep_forever()  # (cancelled at once by the zero deadline)
             log.info("qemu-stopping", how="system_powerdown", timeout=timeout)
             try:
                 await qmp.execute("system_powerdown", timeout=min(2, timeout))

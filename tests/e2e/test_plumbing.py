@@ -21,6 +21,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = [
     pytest.mark.slow,
+    pytest.mark.e2e,
     pytest.mark.skipif(
         os.geteuid() != 0 or shutil.which("ip") is None,
         reason="needs root and iproute2 for network namespaces",
@@ -297,3 +298,27 @@ def test_refusals_leave_nothing(netns: Netns, fields: dict[str, object], message
     assert len(errors) == 1 and message in errors[0]["error"], errors
     assert netns.pids() == []
     assert netns.devices() == ["lo", "taken0"]  # ours untouched, nothing of the runner's
+
+
+def test_sigterm_after_the_plumbing_leaves_nothing(netns: Netns) -> None:
+    netns.start(netns.spec(), "--pause-before", "qemu")
+    paused = netns.tmp / "run" / "paused"
+    deadline = time.monotonic() + 30
+    while not paused.exists():
+        assert (
+            time.monotonic() < deadline and netns.proc is not None and netns.proc.poll() is None
+        ), netns.err.read_text()
+        time.sleep(0.05)
+    netns.started = netns.descendants()  # dnsmasq and virtiofsd are up by now
+    assert netns.devices() == ["lo", "tap0"] and len(netns.started) >= 2
+    assert netns.finish() == 128 + signal.SIGTERM
+    netns.assert_nothing_left()
+
+
+def test_qemu_failing_at_start_leaves_nothing(netns: Netns) -> None:
+    netns.start(netns.spec(extra_args=["-no-such-option"]))
+    assert netns.finish(sig=None) == 1
+    errors = [e for e in netns.logs() if e["level"] == "error"]
+    assert len(errors) == 1 and "QEMU exited during start-up" in errors[0]["error"], errors
+    assert "-no-such-option" in errors[0]["error"]
+    netns.assert_nothing_left()

@@ -80,10 +80,19 @@ def test_real_guest_isolated_end_to_end(node: Node, tmp_path: Path) -> None:
     )
     assert (share / "ip.txt").read_text() == "10.0.2.15\n"
 
-    # Pinned while the guest runs: the vCPU threads alone in the instance cgroup, on 1 and 2.
+    # Pinned while the guest runs: exactly the two vCPU threads in the instance cgroup, each
+    # allowed one CPU of its own, and no other QEMU thread on CPUs 1-2.
     instance = INSTANCES / f"instance-{rp.pod.uid}"
     tids = [int(t) for t in (instance / "cgroup.threads").read_text().split()]
-    assert sorted(c for t in tids for c in os.sched_getaffinity(t)) == [1, 2]
+    assert len(tids) == 2
+    assert sorted(tuple(os.sched_getaffinity(t)) for t in tids) == [(1,), (2,)]
+    qemu = next(
+        int(p)
+        for p in os.listdir("/proc")
+        if p.isdigit() and Path(f"/proc/{p}/comm").read_text().startswith("qemu-system")
+    )
+    others = [int(t) for t in os.listdir(f"/proc/{qemu}/task") if int(t) not in tids]
+    assert others and all(not os.sched_getaffinity(t) & {1, 2} for t in others)
 
     rp.pod.proc.send_signal(signal.SIGTERM)
     code, err = rp.finish(timeout=120)
