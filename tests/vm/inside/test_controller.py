@@ -16,7 +16,16 @@ from pathlib import Path
 import pytest
 
 from .conftest import Node, wait_for
-from .test_runner import INSTANCES, RUNNER, RunnerPod, assert_nothing_left, cpu_list, write_spec
+from .rpc_probe import exchange
+from .test_runner import (
+    INSTANCES,
+    RUNNER,
+    RunnerPod,
+    assert_nothing_left,
+    cpu_list,
+    start_runner,
+    write_spec,
+)
 
 FLOAT = INSTANCES / "float"
 PROBE = str(Path(__file__).with_name("rpc_probe.py"))
@@ -66,21 +75,15 @@ class Daemon:
         return self.proc.wait(timeout=20)
 
     def call(self, method: str, params: object | None = None) -> dict:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.settimeout(10)
-        s.connect(str(self.socket))
         doc = {
             "jsonrpc": "2.0",
             "method": method,
             "id": 1,
             **({"params": params} if params is not None else {}),
         }
-        s.sendall((json.dumps(doc) + "\n").encode())
-        data = b""
-        while not data.endswith(b"\n"):
-            data += s.recv(65536)
-        s.close()
-        return json.loads(data)
+        answer = exchange(str(self.socket), (json.dumps(doc) + "\n").encode())
+        assert answer is not None, f"no answer to {method}"
+        return answer
 
 
 @pytest.fixture
@@ -96,23 +99,18 @@ def start(node: Node, tmp: Path, daemon: Daemon, cpus: str, name: str) -> Runner
     work = tmp / name
     work.mkdir()
     spec = write_spec(work, vcpus=len(cpu_list(cpus)), name=name)
-    cmd = [
-        RUNNER,
-        "run",
-        "--spec",
-        str(spec),
-        "--run-dir",
-        str(work / "run"),
-        "--kubelet-dir",
-        str(node.kubelet),
+    return start_runner(
+        node,
+        work,
+        cpus,
         "--shutdown-timeout",
         "0",
         "--controller-socket",
         str(daemon.socket),
         "--controller-timeout",
         "20",
-    ]
-    return RunnerPod(node.start("--cpus", cpus, cmd=cmd), work / "run")
+        spec=spec,
+    )
 
 
 def float_cpus() -> set[int]:
@@ -215,16 +213,7 @@ def test_hostile_input_is_answered_and_others_are_served(
 
     # From outside any pod: malformed and hostile messages.
     def raw(payload: bytes) -> dict | None:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.settimeout(10)
-        s.connect(str(daemon.socket))
-        try:
-            s.sendall(payload)
-            data = s.recv(65536)
-        except (ConnectionResetError, BrokenPipeError):
-            data = b""
-        s.close()
-        return json.loads(data) if data.strip() else None
+        return exchange(str(daemon.socket), payload)
 
     cases = {
         b"{nope\n": -32700,
@@ -309,25 +298,20 @@ def test_refuses_a_live_socket_and_a_non_socket(node: Node, tmp_path: Path, daem
 
 
 def test_runner_gives_up_on_an_absent_controller(node: Node, tmp_path: Path) -> None:
-    spec = write_spec(tmp_path, vcpus=1)
-    cmd = [
-        RUNNER,
-        "run",
-        "--spec",
-        str(spec),
-        "--run-dir",
-        str(tmp_path / "run"),
+    rp = start_runner(
+        node,
+        tmp_path,
+        "1",
         "--controller-socket",
         str(tmp_path / "absent.sock"),
         "--controller-timeout",
         "2",
-    ]
-    pod = node.start("--cpus", "1", cmd=cmd)
-    _out, err = pod.proc.communicate(timeout=60)
-    assert pod.proc.returncode == 1
+    )
+    _out, err = rp.pod.proc.communicate(timeout=60)
+    assert rp.pod.proc.returncode == 1
     errors = [json.loads(line) for line in err.splitlines() if '"level": "error"' in line]
     assert len(errors) == 1 and "no answer from the controller" in errors[0]["error"]
-    assert_nothing_left(pod.uid)
+    assert_nothing_left(rp.pod.uid)
 
 
 def test_bench_registration_latency(node: Node, tmp_path: Path, daemon: Daemon) -> None:

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from .conftest import REPO, Node
-from .test_runner import INSTANCES, RUNNER, RunnerPod, assert_nothing_left
+from .test_runner import INSTANCES, assert_nothing_left, start_runner
 
 
 def test_real_guest_isolated_end_to_end(node: Node, tmp_path: Path) -> None:
@@ -48,23 +48,17 @@ def test_real_guest_isolated_end_to_end(node: Node, tmp_path: Path) -> None:
     )
     out = tmp_path / "console"
     run_dir = Path(f"/run/smoke-{os.getpid()}")  # short: it holds Unix sockets
-    cmd = [
-        "sh",
-        "-c",
-        f'exec "$@" > {out}',
-        "sh",
-        RUNNER,
-        "run",
-        "--spec",
-        str(spec),
-        "--run-dir",
-        str(run_dir),
-        "--kubelet-dir",
-        str(node.kubelet),
+    rp = start_runner(
+        node,
+        tmp_path,
+        "1-2",
         "--shutdown-timeout",
         "60",
-    ]
-    rp = RunnerPod(node.start("--cpus", "1-2", "--grace", "120", cmd=cmd), run_dir)
+        spec=spec,
+        run_dir=run_dir,
+        prefix=("sh", "-c", f'exec "$@" > {out}', "sh"),
+        podsim=("--grace", "120"),
+    )
     ready = rp.wait_ready(timeout=120)
     assert {v["cpu"] for v in ready["vcpus"]} == {1, 2}
 

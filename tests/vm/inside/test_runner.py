@@ -63,8 +63,11 @@ def start_runner(
     driver: str = "systemd",
     spec: Path | None = None,
     prefix: tuple[str, ...] = (),
+    run_dir: Path | None = None,
+    podsim: tuple[str, ...] = ("--grace", "30"),
 ) -> RunnerPod:
-    run_dir = tmp / "run"
+    """A runner as PID 1 of a Guaranteed pod on `cpus`; later `args` override earlier ones."""
+    run_dir = run_dir or tmp / "run"
     spec = spec or write_spec(tmp, vcpus=len(cpus.replace("-", ",").split(",")))
     cmd = [
         *prefix,
@@ -80,7 +83,7 @@ def start_runner(
         "1",
         *args,
     ]
-    pod = node.start("--cpus", cpus, "--driver", driver, "--grace", "30", cmd=cmd)
+    pod = node.start("--cpus", cpus, "--driver", driver, *podsim, cmd=cmd)
     return RunnerPod(pod, run_dir)
 
 
