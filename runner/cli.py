@@ -138,6 +138,13 @@ def cli() -> None:
     "makes them itself).",
 )
 @seconds("controller-timeout", 30.0, "How long to keep retrying the controller.")
+@seconds(
+    "verify-interval",
+    1.0,
+    "How often, while the guest runs, each vCPU's cgroup and CPU are checked; one moved "
+    "behind the runner's back is put back and logged. 0: never.",
+    minimum=0,
+)
 @option(
     "--pause-before",
     env="PAUSE_BEFORE",

@@ -28,6 +28,7 @@ import trio
 from runner import cpus, kube, plan, plumbing, rpc, spec
 from runner.cgroups import CgroupError, CgroupFS, thread_cgroup
 from runner.cpus import CpuSet
+from runner.inotify import DirWatch
 from runner.log import log
 from runner.procs import Child, Reaper, become_subreaper
 from runner.qemu import Wiring, dnsmasq_argv, qemu_argv, virtiofsd_argv
@@ -41,6 +42,8 @@ KVM_GET_API_VERSION = 0xAE00
 # After the guest's shutdown timeout: this long for QEMU to `quit`, then SIGKILL. Stopping takes
 # at most shutdown-timeout + QUIT_GRACE + a second: keep the pod's grace period above that.
 QUIT_GRACE = 3.0
+# Embedded mode re-reads kubelet's state on every change, and at least this often.
+KUBELET_RESYNC = 10.0
 
 
 class StartupError(Exception):
@@ -62,6 +65,7 @@ class Options:
     virtiofsd: str | None = None  # None: the Rust daemon if installed, else QEMU's C one
     controller_socket: str | None = None  # None: embedded mode, the runner makes its cgroups
     controller_timeout: float = 30.0
+    verify_interval: float = 1.0  # how often pinning is re-checked while the guest runs; 0: never
     pause_before: str | None = None  # fault-injection hook for tests: wait before this step
     inherited_fds: frozenset[int] = frozenset()  # open when the runner started (spec fds)
 
@@ -318,6 +322,9 @@ class Supervisor:
         self._boots_os = False
         self._resumed = False  # the guest has run: only then can it answer the power button
         self._fds: set[int] = set()  # fds we own that QEMU also gets
+        self._pre: Prepared | None = None
+        self.placed: list[dict[str, int]] = []
+        self.repins = 0
 
     # --- the life ----------------------------------------------------------------------------
 
@@ -366,7 +373,7 @@ class Supervisor:
             ok = await self.teardown.unwind()
         if not ok and code == 0:
             code = 1
-        log.info("exit", code=code, orphans_reaped=self.reaper.orphans_reaped)
+        log.info("exit", code=code, orphans_reaped=self.reaper.orphans_reaped, repins=self.repins)
         return code
 
     async def _dispatch_signals(self, sigs: AsyncIterator[int]) -> None:
@@ -410,6 +417,8 @@ class Supervisor:
 
                     for child in [qemu, *self.critical]:
                         watchers.start_soon(watch, child)
+                    watchers.start_soon(self._keep_pinned, qemu)
+                    watchers.start_soon(self._follow_kubelet)
         self._interruptible = None
         dead = [c for c in broken if c is not qemu]
         if dead and qemu.running:
@@ -441,6 +450,7 @@ class Supervisor:
         """Start-up, read top to bottom: refuse what cannot work, then act step by step,
         each step pushing its undo before it can leave anything behind."""
         pre = await self._preflight()
+        self._pre = pre
         if pre.isolated:
             await self._isolate(pre)
         await self._checkpoint("plumbing")
@@ -458,6 +468,7 @@ class Supervisor:
         qmp_ready = time.monotonic()
         await self._checkpoint("pin")
         placed = await self._pin(pre, qemu, qmp) if pre.isolated else []
+        self.placed = placed
         pinned = time.monotonic()
         try:
             status = (await qmp.execute("query-status"))["status"]
@@ -612,9 +623,7 @@ class Supervisor:
         assert pre.cg is not None and pre.plan is not None and pre.cgroups is not None
         cg, cgroups, own = pre.cg, pre.cgroups, pre.own
         await self._checkpoint("anchor")
-        # systemd removes a scope with no process in it: something must stay behind.
-        anchor = self.reaper.spawn("anchor", ["sleep", "infinity"])
-        self.teardown.push("stop anchor", lambda: anchor.stop(2))
+        await self._start_anchor(pre)
 
         await self._checkpoint("cgroups")
         self.teardown.push("release the instance cgroup", cgroups.release)
@@ -629,9 +638,15 @@ class Supervisor:
             cg.move_process(pre.float_cg, os.getpid())
         except CgroupError as e:
             raise StartupError(str(e)) from None
-        self.teardown.push(
-            "move back to the container cgroup", _async(cg.move_process, own, os.getpid())
-        )
+
+        def move_back() -> None:
+            if not cg.dir(own).is_dir():
+                # Its scope went with its last process: the pod is going away anyway.
+                log.warning("container-cgroup-gone", cgroup=own, detail="staying in float")
+                return
+            cg.move_process(own, os.getpid())
+
+        self.teardown.push("move back to the container cgroup", _async(move_back))
         now_in = kube.own_cgroup_path(None, read_optional("/proc/self/cgroup"))
         if now_in != pre.float_cg:
             raise StartupError(f"moved to {pre.float_cg} but the kernel has us in {now_in}")
@@ -775,24 +790,131 @@ class Supervisor:
             )
         placed = []
         for v, cpu in zip(vcpus, pre.plan.placement, strict=True):
-            tid = int(v["thread-id"])
-            try:
-                # Cgroup first, then affinity: on 6.1 a cpuset move resets the affinity.
-                cg.move_thread(instance_cg, tid)
-                os.sched_setaffinity(tid, {cpu})
-                in_cgroup = thread_cgroup(qemu.pid, tid)
-                allowed = os.sched_getaffinity(tid)
-            except (CgroupError, OSError) as e:
-                raise StartupError(
-                    f"cannot pin vCPU {v['cpu-index']} (thread {tid}) to CPU {cpu}: {e}"
-                ) from None
-            if in_cgroup != instance_cg or allowed != {cpu}:
-                raise StartupError(
-                    f"vCPU {v['cpu-index']} (thread {tid}) did not stay pinned: "
-                    f"cgroup {in_cgroup}, CPUs {cpus.format(allowed)}"
-                )
-            placed.append({"vcpu": v["cpu-index"], "tid": tid, "cpu": cpu})
+            where = {"vcpu": v["cpu-index"], "tid": int(v["thread-id"]), "cpu": cpu}
+            place_vcpu(cg, instance_cg, qemu.pid, where)
+            placed.append(where)
         return placed
+
+    async def _keep_pinned(self, qemu: Child) -> None:
+        """Continuous verification while the guest runs: a vCPU moved to another cgroup or
+        CPU behind our back (taskset, a stray cgroup write, the kernel resetting affinity when
+        a cpuset is rewritten) is logged and put back."""
+        pre, interval = self._pre, self.opts.verify_interval
+        if pre is None or not self.placed or interval <= 0:
+            return
+        assert pre.cg is not None and pre.instance_cg is not None
+        while True:
+            await trio.sleep(interval)
+            for where in self.placed:
+                try:
+                    in_cgroup = thread_cgroup(qemu.pid, where["tid"])
+                    allowed = os.sched_getaffinity(where["tid"])
+                except (CgroupError, OSError):
+                    return  # QEMU is going away: its own watcher says so
+                if in_cgroup == pre.instance_cg and allowed == {where["cpu"]}:
+                    continue
+                log.warning("vcpu-drifted", **where, cgroup=in_cgroup, cpus=cpus.format(allowed))
+                try:
+                    place_vcpu(pre.cg, pre.instance_cg, qemu.pid, where)
+                except StartupError as e:
+                    log.error("vcpu-repin-failed", **where, error=str(e))
+                else:
+                    self.repins += 1
+                    log.warning("vcpu-repinned", **where)
+
+    async def _follow_kubelet(self) -> None:
+        """Embedded mode has no controller to keep float equal to kubelet's shared pool: a CPU
+        kubelet gives to another Guaranteed pod must leave float, one it takes back returns."""
+        pre = self._pre
+        if pre is None or not isinstance(pre.cgroups, EmbeddedCgroups) or not self.placed:
+            return
+        wake = trio.Event()
+
+        async def watch() -> None:
+            try:
+                dir_watch = DirWatch(self.opts.kubelet_dir)
+            except OSError as e:
+                log.warning("kubelet-dir-unwatched", error=str(e), resync=KUBELET_RESYNC)
+                return
+            try:
+                async for names in dir_watch.changes():
+                    if b"cpu_manager_state" in names or DirWatch.OVERFLOW in names:
+                        wake.set()
+            finally:
+                dir_watch.close()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch)
+            while True:
+                with trio.move_on_after(KUBELET_RESYNC):
+                    await wake.wait()
+                wake = trio.Event()
+                try:
+                    self._resync_float(pre)
+                except (CgroupError, OSError, cpus.CpuListError) as e:
+                    log.error("float-resync-failed", error=str(e))
+
+    def _resync_float(self, pre: Prepared) -> None:
+        assert pre.cg is not None and pre.plan is not None and pre.float_cg is not None
+        assert isinstance(pre.cgroups, EmbeddedCgroups)
+        text = read_optional(Path(self.opts.kubelet_dir) / "cpu_manager_state")
+        try:
+            state = kube.parse_cpu_manager_state(text) if text is not None else None
+        except kube.KubeError as e:
+            log.warning("kubelet-state-unreadable", error=str(e), detail="float kept as it is")
+            return
+        online = cpus.parse(Path("/sys/devices/system/cpu/online").read_text())
+        own = frozenset(pre.plan.instance_cpus)
+        others = pre.cgroups.other_instance_cpus(pre.instance_cg or "")
+        want = plan.shared_cpus(state, online, own, others) - own
+        have = pre.cg.cpus(pre.float_cg, effective=False)
+        if want and want != have:
+            pre.cg.set_cpus(pre.float_cg, want)
+            log.info("float-cpus", old=cpus.format(have), new=cpus.format(want), reason="kubelet")
+
+    async def _start_anchor(self, pre: Prepared) -> None:
+        """systemd removes a scope with no process in it: something must stay behind, and
+        must be put back if it dies."""
+        assert self._nursery is not None and pre.cg is not None
+        procs = pre.cg.dir(pre.own) / "cgroup.procs"
+        current = [self.reaper.spawn("anchor", ["sleep", "infinity"])]
+        scope, done = trio.CancelScope(), trio.Event()
+
+        async def keep(task_status: trio.TaskStatus[None]) -> None:
+            task_status.started()
+            delay = 0.1
+            try:
+                with scope:
+                    while True:
+                        code = await current[0].wait()
+                        log.warning("anchor-died", code=code)
+                        if not procs.exists():
+                            log.error(
+                                "container-cgroup-gone",
+                                cgroup=pre.own,
+                                detail="removed with its last process; the instance runs on",
+                            )
+                            return
+                        # We may be in float by now: the new anchor joins the container itself.
+                        current[0] = self.reaper.spawn(
+                            "anchor",
+                            ["sh", "-c", 'echo $$ > "$0" && exec sleep infinity', str(procs)],
+                        )
+                        log.info("anchor-restarted", pid=current[0].pid)
+                        await trio.sleep(delay)
+                        delay = min(delay * 2, 10.0)
+            except OSError as e:
+                log.error("anchor-restart-failed", error=e.strerror)
+            finally:
+                done.set()
+
+        async def stop() -> None:
+            scope.cancel()
+            await done.wait()
+            await current[0].stop(2)
+
+        await self._nursery.start(keep)
+        self.teardown.push("stop anchor", stop)
 
     async def _find_virtiofsd(self) -> tuple[str, Literal["c", "rust"]]:
         wanted = self.opts.virtiofsd
@@ -942,6 +1064,24 @@ def _async(fn: Callable[..., object], *args: object, **kw: object) -> Callable[[
         fn(*args, **kw)
 
     return call
+
+
+def place_vcpu(cg: CgroupFS, instance_cg: str, qemu_pid: int, where: dict[str, int]) -> None:
+    """One vCPU thread into the instance cgroup, onto its CPU, and read back."""
+    vcpu, tid, cpu = where["vcpu"], where["tid"], where["cpu"]
+    try:
+        # Cgroup first, then affinity: on 6.1 a cpuset move resets the affinity.
+        cg.move_thread(instance_cg, tid)
+        os.sched_setaffinity(tid, {cpu})
+        in_cgroup = thread_cgroup(qemu_pid, tid)
+        allowed = os.sched_getaffinity(tid)
+    except (CgroupError, OSError) as e:
+        raise StartupError(f"cannot pin vCPU {vcpu} (thread {tid}) to CPU {cpu}: {e}") from None
+    if in_cgroup != instance_cg or allowed != {cpu}:
+        raise StartupError(
+            f"vCPU {vcpu} (thread {tid}) did not stay pinned: "
+            f"cgroup {in_cgroup}, CPUs {cpus.format(allowed)}"
+        )
 
 
 def write_atomic(path: Path, text: str) -> None:

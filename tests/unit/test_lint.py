@@ -7,7 +7,13 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-PY_SCRIPTS = ["scripts/testvm", "scripts/podsim", "scripts/demo-inside", "scripts/measure-pin"]
+PY_SCRIPTS = [
+    "scripts/testvm",
+    "scripts/podsim",
+    "scripts/demo-inside",
+    "scripts/measure-pin",
+    "scripts/faults",
+]
 TARGETS = ["runner", "tests", "images", *PY_SCRIPTS]
 
 

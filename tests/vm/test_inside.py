@@ -10,6 +10,7 @@ INSIDE = [
     pytest.param("test_podsim.py", ["--cpus", "4"], id="podsim"),
     pytest.param("test_runner.py", ["--cpus", "4"], id="runner"),
     pytest.param("test_controller.py", ["--cpus", "4"], id="controller"),
+    pytest.param("test_faults.py", ["--cpus", "4"], id="faults"),
     # TCG inside TCG: a real guest needs minutes here. One run proves the whole chain isolated.
     pytest.param("test_guest_smoke.py", ["--cpus", "4", "--memory", "3072"], id="guest-smoke"),
 ]

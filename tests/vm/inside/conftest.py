@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 
 import pytest
@@ -146,3 +147,105 @@ def node(tmp_path: Path) -> Iterator[Node]:
         c for c in kube_cgroups() for pod in n.pods if any(f in c for f in uid_forms(pod.uid))
     )
     assert not leaked, f"cgroups left behind: {leaked}"
+
+
+# --- the fault matrix: each fault scenario says what it did, what it expected and saw ------
+
+INSTANCES = CG / "instances"
+
+
+def leftovers(uids: list[str], tmp: Path) -> list[str]:
+    """What a pod's instance could leave behind: processes, cgroups, taps and sockets."""
+    found: list[str] = []
+    forms = [f for uid in uids for f in uid_forms(uid)]
+    pod_cgroups = [c for c in kube_cgroups() if any(f in c for f in forms)]
+    found += [f"cgroup {c}" for c in sorted(pod_cgroups)]
+    found += [
+        f"cgroup instances/instance-{u}" for u in uids if (INSTANCES / f"instance-{u}").exists()
+    ]
+    pids: set[int] = set()
+    for c in pod_cgroups:
+        with_procs = CG / c / "cgroup.procs"
+        if with_procs.exists():
+            pids |= {int(p) for p in with_procs.read_text().split()}
+    if (INSTANCES / "float").exists():
+        threads = (INSTANCES / "float" / "cgroup.threads").read_text().split()
+        found += [f"thread {t} in float" for t in threads]
+    for p in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if str(tmp) in cmdline and " controller " not in cmdline and int(p) != os.getpid():
+            pids.add(int(p))
+    for pid in sorted(pids):
+        try:
+            comm = Path(f"/proc/{pid}/comm").read_text().strip()
+        except OSError:
+            continue
+        found.append(f"process {pid} ({comm})")
+    found += [
+        f"tap {d.name}"
+        for d in sorted(Path("/sys/class/net").iterdir())
+        if (d / "tun_flags").exists()
+    ]
+    for path in sorted(tmp.rglob("*")):
+        try:
+            if stat.S_ISSOCK(path.lstat().st_mode):
+                found.append(f"socket {path.relative_to(tmp)}")
+        except OSError:
+            continue
+    return found
+
+
+class Fault:
+    def __init__(self) -> None:
+        self.name = ""
+        self.expected = ""
+        self.observed: list[str] = []
+
+    def declare(self, name: str, expected: str) -> None:
+        self.name, self.expected = name, expected
+
+    def saw(self, *what: str) -> None:
+        self.observed += what
+
+
+CALL_REPORT = pytest.StashKey[pytest.TestReport]()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator:
+    report = yield
+    if report.when == "call":
+        item.stash[CALL_REPORT] = report
+    return report
+
+
+@pytest.fixture
+def fault(request: pytest.FixtureRequest, node: Node, tmp_path: Path) -> Iterator[Fault]:
+    """A scenario of the fault matrix. Its row (fault, expected, observed, leftovers, verdict)
+    is appended to $FAULT_REPORT, which scripts/faults turns into the dashboard."""
+    f = Fault()
+    yield f
+    report = request.node.stash.get(CALL_REPORT, None)
+    passed = report is not None and report.passed
+    if report is not None and report.failed:
+        crash = getattr(report.longrepr, "reprcrash", None)
+        message = crash.message if crash is not None else str(report.longrepr)
+        f.saw("FAILED: " + message.splitlines()[0][:200])
+    found = leftovers([pod.uid for pod in node.pods], tmp_path)
+    out = os.environ.get("FAULT_REPORT")
+    if out:
+        row = {
+            "test": request.node.nodeid,
+            "fault": f.name or request.node.name,
+            "expected": f.expected,
+            "observed": "; ".join(f.observed),
+            "leftovers": found,
+            "passed": passed and not found,
+        }
+        with open(out, "a") as report_file:
+            report_file.write(json.dumps(row) + "\n")
+    if report is None or report.passed:  # a failed test has said what went wrong already
+        assert not found, f"left behind: {found}"

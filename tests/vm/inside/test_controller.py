@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import Node, wait_for
+from .conftest import Fault, Node, wait_for
 from .rpc_probe import exchange
 from .test_runner import (
     INSTANCES,
@@ -117,9 +117,14 @@ def float_cpus() -> set[int]:
     return cpu_list((FLOAT / "cpuset.cpus").read_text())
 
 
+@pytest.mark.fault
 def test_two_pods_register_concurrently_and_float_follows_kubelet(
-    node: Node, tmp_path: Path, daemon: Daemon
+    node: Node, tmp_path: Path, daemon: Daemon, fault: Fault
 ) -> None:
+    fault.declare(
+        "kubelet releases a pod's CPUs while another instance runs (controller)",
+        "float = defaultCpuSet; the CPU returns to float within 1 s; others untouched",
+    )
     a = start(node, tmp_path, daemon, "1", "a")
     b = start(node, tmp_path, daemon, "2-3", "b")
     ready_a, ready_b = a.wait_ready(), b.wait_ready()
@@ -138,6 +143,7 @@ def test_two_pods_register_concurrently_and_float_follows_kubelet(
     wait_for(lambda: state_file.stat().st_mtime_ns != before, what="podsim to release CPU 1")
     released = time.monotonic()
     wait_for(lambda: 1 in float_cpus(), timeout=5, what="float to get CPU 1 back")
+    fault.saw(f"CPU 1 back in float {time.monotonic() - released:.2f} s after the state write")
     assert time.monotonic() - released < 1.0
     assert a.finish()[0] == 0
     assert float_cpus() == {0, 1}
@@ -148,7 +154,14 @@ def test_two_pods_register_concurrently_and_float_follows_kubelet(
     assert '"event": "float-cpus"' in log and '"event": "instance-deregistered"' in log
 
 
-def test_restart_leaves_running_instances_alone(node: Node, tmp_path: Path, daemon: Daemon) -> None:
+@pytest.mark.fault
+def test_restart_leaves_running_instances_alone(
+    node: Node, tmp_path: Path, daemon: Daemon, fault: Fault
+) -> None:
+    fault.declare(
+        "controller SIGKILLed and restarted mid-run",
+        "running instance untouched; state rebuilt; deregistration works",
+    )
     pod = start(node, tmp_path, daemon, "1-2", "r")
     pod.wait_ready()
     instance = INSTANCES / f"instance-{pod.pod.uid}"
@@ -169,14 +182,20 @@ def test_restart_leaves_running_instances_alone(node: Node, tmp_path: Path, daem
         for t in (instance / "cgroup.threads").read_text().split()
     }
     assert after == before and float_cpus() == float_before
+    fault.saw("threads and affinities unchanged", f"health {health}")
     assert pod.pod.terminate() == 0  # deregistration through the new controller
     assert_nothing_left(pod.pod.uid)
     assert '"event": "instance-deregistered"' in daemon.log.read_text()
 
 
+@pytest.mark.fault
 def test_stale_instance_of_a_killed_runner_is_removed(
-    node: Node, tmp_path: Path, daemon: Daemon
+    node: Node, tmp_path: Path, daemon: Daemon, fault: Fault
 ) -> None:
+    fault.declare(
+        "runner SIGKILLed, then its pod removed",
+        "stale instance cgroup removed, its CPU back in float",
+    )
     pod = start(node, tmp_path, daemon, "2", "k")
     pod.wait_ready()
     instance = INSTANCES / f"instance-{pod.pod.uid}"
@@ -185,13 +204,19 @@ def test_stale_instance_of_a_killed_runner_is_removed(
     assert code == 137
     assert pod.pod.uid not in node.state().get("entries", {})
     wait_for(lambda: not instance.exists(), timeout=5, what="the stale instance's removal")
+    fault.saw(f"exit {code}", "stale cgroup removed")
     assert "stale: pod gone" in daemon.log.read_text()
     assert 2 in float_cpus()
 
 
+@pytest.mark.fault
 def test_hostile_input_is_answered_and_others_are_served(
-    node: Node, tmp_path: Path, daemon: Daemon
+    node: Node, tmp_path: Path, daemon: Daemon, fault: Fault
 ) -> None:
+    fault.declare(
+        "hostile JSON-RPC: other pods' uid/cpuset, bad JSON, 1 MiB line, silent and 200 clients",
+        "each answered with its error code; nothing created; the controller serves on",
+    )
     other = node.start("--cpus", "3").wait_ready()
     # From inside a pod: another pod's uid, cpuset, CPUs outside the node.
     prober = node.start(
@@ -267,11 +292,19 @@ def test_hostile_input_is_answered_and_others_are_served(
         answered += json.loads(data)["result"]["status"] == "ok"
         s.close()
     assert answered == 200
+    fault.saw("-32001 x4 from a pod, -32700/-32600/-32602/-32601 from outside", "200/200 answered")
     assert daemon.proc is not None and daemon.proc.poll() is None
     assert other.terminate() == 0
 
 
-def test_refuses_a_live_socket_and_a_non_socket(node: Node, tmp_path: Path, daemon: Daemon) -> None:
+@pytest.mark.fault
+def test_refuses_a_live_socket_and_a_non_socket(
+    node: Node, tmp_path: Path, daemon: Daemon, fault: Fault
+) -> None:
+    fault.declare(
+        "a second controller on a live socket, a non-socket path, a too-long path",
+        "each refused with one line, exit 1; the live socket kept",
+    )
     second = subprocess.run(
         [RUNNER, "controller", "--socket", str(daemon.socket), "--kubelet-dir", str(node.kubelet)],
         capture_output=True,
@@ -295,9 +328,12 @@ def test_refuses_a_live_socket_and_a_non_socket(node: Node, tmp_path: Path, daem
     assert fourth.returncode == 1
     errors = [line for line in fourth.stderr.splitlines() if '"level": "error"' in line]
     assert len(errors) == 1 and "at most 107 bytes" in errors[0], fourth.stderr
+    fault.saw("exit 1 x3, live socket kept")
 
 
-def test_runner_gives_up_on_an_absent_controller(node: Node, tmp_path: Path) -> None:
+@pytest.mark.fault
+def test_runner_gives_up_on_an_absent_controller(node: Node, tmp_path: Path, fault: Fault) -> None:
+    fault.declare("controller absent at start", "retried for --controller-timeout, then exit 1")
     rp = start_runner(
         node,
         tmp_path,
@@ -308,10 +344,54 @@ def test_runner_gives_up_on_an_absent_controller(node: Node, tmp_path: Path) -> 
         "2",
     )
     _out, err = rp.pod.proc.communicate(timeout=60)
-    assert rp.pod.proc.returncode == 1
     errors = [json.loads(line) for line in err.splitlines() if '"level": "error"' in line]
+    fault.saw(f"exit {rp.pod.proc.returncode}", *(f"error: {e['error']}" for e in errors))
+    assert rp.pod.proc.returncode == 1
     assert len(errors) == 1 and "no answer from the controller" in errors[0]["error"]
     assert_nothing_left(rp.pod.uid)
+
+
+DAMAGED = {
+    "corrupt": "\x00\x17garbage{",
+    "truncated": '{"policyName":"static","defaultCpuSet":"0,3","entries":{"',
+    "missing": None,
+}
+
+
+@pytest.mark.fault
+@pytest.mark.parametrize("kind", DAMAGED)
+def test_damaged_kubelet_state_while_running(
+    node: Node, tmp_path: Path, daemon: Daemon, fault: Fault, kind: str
+) -> None:
+    fault.declare(
+        f"cpu_manager_state {kind} while an instance runs (controller)",
+        "logged; float and the instance untouched; the controller serves on",
+    )
+    pod = start(node, tmp_path, daemon, "1-2", "d")
+    pod.wait_ready()
+    state_file = node.kubelet / "cpu_manager_state"
+    good = state_file.read_text()
+    damaged = DAMAGED[kind]
+    if damaged is None:
+        state_file.unlink()
+    else:
+        staged = node.kubelet / ".staged"
+        staged.write_text(damaged)
+        staged.rename(state_file)  # as kubelet writes it: one rename, one inotify event
+    time.sleep(2.5)  # an event and a periodic resync (2 s)
+    assert float_cpus() == {0, 3}
+    instance = INSTANCES / f"instance-{pod.pod.uid}"
+    tids = [int(t) for t in (instance / "cgroup.threads").read_text().split()]
+    assert sorted(os.sched_getaffinity(t) for t in tids) == [{1}, {2}]
+    health = daemon.call("health")["result"]
+    assert health["instances"] == 1
+    fault.saw(f"float {sorted(float_cpus())}, vCPUs pinned, health ok")
+    if damaged is not None:
+        assert '"event": "kubelet-state-unreadable"' in daemon.log.read_text()
+        fault.saw("kubelet-state-unreadable logged")
+    state_file.write_text(good)
+    assert pod.pod.terminate() == 0
+    assert_nothing_left(pod.pod.uid)
 
 
 def test_bench_registration_latency(node: Node, tmp_path: Path, daemon: Daemon) -> None:

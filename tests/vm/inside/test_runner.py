@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import CG, REPO, Node, Pod, kube_cgroups, uid_forms, wait_for
+from .conftest import CG, REPO, Fault, Node, Pod, kube_cgroups, uid_forms, wait_for
 
 RUNNER = str(REPO / ".venv" / "bin" / "instance-runner")
 INSTANCES = CG / "instances"
@@ -211,7 +211,9 @@ def test_pinning_invariants_and_clean_stop(
     assert_nothing_left(uid)
 
 
-def test_qemu_killed_means_teardown_and_137(node: Node, tmp_path: Path) -> None:
+@pytest.mark.fault
+def test_qemu_killed_means_teardown_and_137(node: Node, tmp_path: Path, fault: Fault) -> None:
+    fault.declare("SIGKILL of QEMU", "teardown, exit 137, nothing left")
     rp = start_runner(node, tmp_path, "2")
     rp.wait_ready()
     runner = rp.runner_pid()
@@ -223,6 +225,7 @@ def test_qemu_killed_means_teardown_and_137(node: Node, tmp_path: Path) -> None:
     )
     os.kill(qemu, signal.SIGKILL)
     code, err = rp.finish()
+    fault.saw(f"exit {code}")
     assert code == 137, err
     assert_nothing_left(rp.pod.uid)
 
@@ -278,10 +281,12 @@ FAULTS = {
 }
 
 
-@pytest.mark.parametrize("fault", FAULTS)
-def test_start_up_faults(node: Node, tmp_path: Path, fault: str) -> None:
-    kind, fields, message = FAULTS[fault]
-    if fault == "malformed spec":
+@pytest.mark.fault
+@pytest.mark.parametrize("case", FAULTS)
+def test_start_up_faults(node: Node, tmp_path: Path, case: str, fault: Fault) -> None:
+    kind, fields, message = FAULTS[case]
+    fault.declare(f"start-up: {case}", f"exit 1, one error line: ...{message}...")
+    if case == "malformed spec":
         spec = tmp_path / "bad.json"
         spec.write_text(str(fields))
     else:
@@ -293,13 +298,16 @@ def test_start_up_faults(node: Node, tmp_path: Path, fault: str) -> None:
         spec = write_spec(tmp_path, **extra)
     rp = start_runner(node, tmp_path, "1-2", "--qmp-timeout", "3", spec=spec)
     code, err = rp.finish()
-    assert code == 1, err
     errors = error_lines(err)
+    fault.saw(f"exit {code}", *(f"error: {e['error']}" for e in errors))
+    assert code == 1, err
     assert len(errors) == 1 and message in errors[0]["error"], err
     assert_nothing_left(rp.pod.uid)
 
 
-def test_not_root(node: Node, tmp_path: Path) -> None:
+@pytest.mark.fault
+def test_not_root(node: Node, tmp_path: Path, fault: Fault) -> None:
+    fault.declare("runner not root", "exit 1, one error line")
     tmp_path.chmod(0o755)
     rp = start_runner(
         node,
@@ -308,13 +316,16 @@ def test_not_root(node: Node, tmp_path: Path) -> None:
         prefix=("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"),
     )
     code, err = rp.finish()
+    fault.saw(f"exit {code}", *(f"error: {e['error']}" for e in error_lines(err)))
     assert code == 1
     (error,) = error_lines(err)
     assert "must run as root" in error["error"]
     assert_nothing_left(rp.pod.uid)
 
 
-def test_not_cgroup_v2(node: Node, tmp_path: Path) -> None:
+@pytest.mark.fault
+def test_not_cgroup_v2(node: Node, tmp_path: Path, fault: Fault) -> None:
+    fault.declare("cgroup mount is not cgroup v2", "exit 1, one error line")
     fake_mount = tmp_path / "cgroup"
     fake_mount.mkdir()
     rp = start_runner(
@@ -327,6 +338,7 @@ def test_not_cgroup_v2(node: Node, tmp_path: Path) -> None:
         str(fake_mount / "instances"),
     )
     code, err = rp.finish()
+    fault.saw(f"exit {code}", *(f"error: {e['error']}" for e in error_lines(err)))
     assert code == 1
     (error,) = error_lines(err)
     assert "is not a cgroup v2 (unified) hierarchy" in error["error"]
@@ -336,7 +348,9 @@ def test_not_cgroup_v2(node: Node, tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "step", ["anchor", "cgroups", "float", "plumbing", "qemu", "qmp", "pin", "cont"]
 )
-def test_sigterm_at_each_start_up_step(node: Node, tmp_path: Path, step: str) -> None:
+@pytest.mark.fault
+def test_sigterm_at_each_start_up_step(node: Node, tmp_path: Path, step: str, fault: Fault) -> None:
+    fault.declare(f"SIGTERM before start-up step {step!r}", "exit 143, nothing left")
     rp = start_runner(node, tmp_path, "1-2", "--pause-before", step)
     wait_for(
         lambda: (rp.run_dir / "paused").exists() or rp.pod.proc.poll() is not None,
@@ -346,13 +360,19 @@ def test_sigterm_at_each_start_up_step(node: Node, tmp_path: Path, step: str) ->
     assert rp.pod.proc.poll() is None, rp.pod.proc.communicate()[1]
     rp.pod.proc.send_signal(signal.SIGTERM)
     code, err = rp.finish()
+    fault.saw(f"exit {code}")
     assert code == 128 + signal.SIGTERM, err
     assert '"event": "startup-interrupted"' in err
     assert not (rp.run_dir / "paused").exists()
     assert_nothing_left(rp.pod.uid)
 
 
-def test_second_sigterm_does_not_skip_cleanup(node: Node, tmp_path: Path) -> None:
+@pytest.mark.fault
+def test_second_sigterm_does_not_skip_cleanup(node: Node, tmp_path: Path, fault: Fault) -> None:
+    fault.declare(
+        "second SIGTERM during teardown (guest ignores the power button)",
+        "logged and ignored; quit after the timeout; exit 124; nothing left",
+    )
     # An empty disk: the guest "boots an OS" as far as the runner knows, but its firmware finds
     # nothing to run and never answers the power button, so teardown waits the full timeout.
     disk = tmp_path / "empty.raw"
@@ -366,6 +386,7 @@ def test_second_sigterm_does_not_skip_cleanup(node: Node, tmp_path: Path) -> Non
     time.sleep(0.5)
     os.kill(runner, signal.SIGTERM)  # straight to the runner, during its teardown
     code, err = rp.finish()
+    fault.saw(f"exit {code}")
     assert code == 124, err  # quit after the power button went unanswered, cleanup complete
     assert "stop-already-in-progress" in err
     assert '"how": "quit"' in err

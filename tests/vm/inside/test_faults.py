@@ -1,0 +1,276 @@
+"""Faults around a running instance: its anchor, dnsmasq or virtiofsd killed, a vCPU moved
+behind the runner's back, a storm of orphans, kubelet's state changing, missing or damaged.
+Each is a row of the fault matrix (scripts/faults)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from .conftest import Fault, Node, wait_for
+from .test_runner import (
+    FLOAT,
+    RunnerPod,
+    container_of,
+    cpu_list,
+    error_lines,
+    pod_processes,
+    start_runner,
+    tasks,
+    write_spec,
+)
+
+pytestmark = pytest.mark.fault
+
+
+def pod_process(rp: RunnerPod, comm: str) -> int:
+    ns = os.readlink(f"/proc/{rp.runner_pid()}/ns/pid")
+    return next(
+        p for p in pod_processes(ns) if Path(f"/proc/{p}/comm").read_text().startswith(comm)
+    )
+
+
+def events(err: str, name: str) -> list[dict]:
+    return [
+        json.loads(line)
+        for line in err.splitlines()
+        if line.startswith("{") and f'"event": "{name}"' in line
+    ]
+
+
+def host_vcpus(rp: RunnerPod, ready: dict) -> list[dict]:
+    """The readiness file's vCPUs with their thread ids as this (the node's) PID namespace
+    sees them: the runner is PID 1 of the pod's and writes those."""
+    qemu = pod_process(rp, "qemu-system")
+    by_ns_tid = {}
+    for t in tasks(qemu):
+        status = Path(f"/proc/{qemu}/task/{t}/status").read_text()
+        nspid = next(line for line in status.splitlines() if line.startswith("NSpid:"))
+        by_ns_tid[int(nspid.split()[-1])] = t
+    return [{**v, "tid": by_ns_tid[v["tid"]]} for v in ready["vcpus"]]
+
+
+def vcpus_pinned(vcpus: list[dict]) -> bool:
+    """Every vCPU thread still in the instance cgroup and on its own CPU alone."""
+    for v in vcpus:
+        cgroup = Path(f"/proc/{v['tid']}/cgroup").read_text().strip()
+        if not cgroup.startswith("0::/instances/instance-"):
+            return False
+        if os.sched_getaffinity(v["tid"]) != {v["cpu"]}:
+            return False
+    return True
+
+
+def stop(rp: RunnerPod, fault: Fault) -> int:
+    rp.pod.proc.send_signal(signal.SIGTERM)
+    code, err = rp.finish()
+    fault.saw(f"stop: exit {code}")
+    assert code == 0, err
+    return code
+
+
+@pytest.mark.parametrize("driver", ["cgroupfs", "systemd"])
+def test_anchor_killed(node: Node, tmp_path: Path, fault: Fault, driver: str) -> None:
+    fault.declare(
+        f"SIGKILL of the anchor ({driver} driver)",
+        "anchor put back (systemd may remove the scope first); vCPUs stay pinned; stop exit 0",
+    )
+    rp = start_runner(node, tmp_path, "1-2", driver=driver)
+    vcpus = host_vcpus(rp, rp.wait_ready())
+    container = container_of(rp.pod.uid)
+    (anchor,) = (container / "cgroup.procs").read_text().split()
+    os.kill(int(anchor), signal.SIGKILL)
+
+    def settled() -> bool:
+        if not container.exists():
+            return True
+        procs = (container / "cgroup.procs").read_text().split()
+        return bool(procs) and procs != [anchor]
+
+    wait_for(settled, timeout=10, what="a new anchor or the scope's removal")
+    if container.exists():
+        (new,) = (container / "cgroup.procs").read_text().split()
+        assert Path(f"/proc/{new}/cmdline").read_bytes() == b"sleep\0infinity\0"
+        fault.saw(f"anchor {anchor} replaced by {new} in the container cgroup")
+    else:
+        assert driver == "systemd", "only systemd removes an emptied scope"
+        fault.saw("scope removed with its last process, as systemd does")
+    time.sleep(1)
+    assert vcpus_pinned(vcpus)
+    fault.saw("vCPUs pinned")
+    stop(rp, fault)
+
+
+def test_vcpu_moved_behind_our_back_is_put_back(node: Node, tmp_path: Path, fault: Fault) -> None:
+    fault.declare(
+        "a vCPU's affinity changed and another vCPU moved to float, behind the runner's back",
+        "drift logged, both put back within the verify interval (1 s); stop exit 0",
+    )
+    rp = start_runner(node, tmp_path, "1-2")
+    vcpus = host_vcpus(rp, rp.wait_ready())
+    first, second = vcpus
+    os.sched_setaffinity(first["tid"], {0, 1, 2, 3})
+    (FLOAT / "cgroup.threads").write_text(str(second["tid"]))
+    assert not vcpus_pinned(vcpus)
+    moved = time.monotonic()
+    wait_for(lambda: vcpus_pinned(vcpus), timeout=5, what="the vCPUs to be put back")
+    fault.saw(f"both put back after {time.monotonic() - moved:.1f} s")
+    rp.pod.proc.send_signal(signal.SIGTERM)
+    code, err = rp.finish()
+    assert code == 0, err
+    drifted = {e["vcpu"] for e in events(err, "vcpu-drifted")}
+    assert drifted == {0, 1}, err
+    assert events(err, "exit")[0]["repins"] == 2
+    fault.saw("2 vcpu-drifted + vcpu-repinned logged", f"stop: exit {code}")
+
+
+def test_a_thousand_orphans_are_reaped(node: Node, tmp_path: Path, fault: Fault) -> None:
+    fault.declare(
+        "1000 orphaned children reparented to the runner (PID 1)",
+        "all reaped, no zombie left; vCPUs stay pinned; stop exit 0",
+    )
+    rp = start_runner(node, tmp_path, "1-2")
+    vcpus = host_vcpus(rp, rp.wait_ready())
+    runner = rp.runner_pid()
+    # Each `sleep` is started by a subshell that exits at once: 1000 orphans for the runner.
+    script = "i=0; while [ $i -lt 1000 ]; do (sleep 1 &); i=$((i+1)); done"
+    subprocess.run(["nsenter", "-t", str(runner), "-p", "--", "sh", "-c", script], check=True)
+
+    def children_of_runner() -> int:
+        return len(Path(f"/proc/{runner}/task/{runner}/children").read_text().split())
+
+    start = time.monotonic()
+    baseline = 2  # the anchor and QEMU
+    wait_for(lambda: children_of_runner() <= baseline, timeout=120, what="the orphans' end")
+    fault.saw(f"children back to {children_of_runner()} {time.monotonic() - start:.0f} s later")
+    assert vcpus_pinned(vcpus)
+    rp.pod.proc.send_signal(signal.SIGTERM)
+    code, err = rp.finish()
+    assert code == 0, err
+    reaped = events(err, "exit")[0]["orphans_reaped"]
+    fault.saw(f"orphans_reaped {reaped}", f"stop: exit {code}")
+    assert reaped >= 1000
+
+
+def test_kubelet_moves_default_cpuset_while_running(
+    node: Node, tmp_path: Path, fault: Fault
+) -> None:
+    fault.declare(
+        "kubelet gives a shared CPU to a new pod, then takes it back (no controller)",
+        "float follows defaultCpuSet within 1 s each way; vCPUs untouched; stop exit 0",
+    )
+    rp = start_runner(node, tmp_path, "1")
+    vcpus = host_vcpus(rp, rp.wait_ready())
+    qemu = pod_process(rp, "qemu-system")
+    vcpu_tids = {v["tid"] for v in vcpus}
+
+    def float_cpus() -> set[int]:
+        return cpu_list((FLOAT / "cpuset.cpus").read_text())
+
+    assert float_cpus() == {0, 2, 3}
+    other = node.start("--cpus", "3").wait_ready()
+    assert node.state()["defaultCpuSet"] == "0,2"
+    wait_for(lambda: float_cpus() == {0, 2}, timeout=1.5, what="float to shrink")
+    others = [t for t in tasks(qemu) if t not in vcpu_tids]
+    assert all(os.sched_getaffinity(t) <= {0, 2} for t in others)
+    fault.saw("float 0,2,3 -> 0,2 with the new pod")
+    assert other.terminate() == 0
+    wait_for(lambda: float_cpus() == {0, 2, 3}, timeout=1.5, what="float to grow back")
+    fault.saw("back to 0,2,3 when it left")
+    assert vcpus_pinned(vcpus)
+    stop(rp, fault)
+
+
+STATES = {
+    "missing": None,
+    "corrupt": "\x00\x17garbage{",
+    "truncated": '{"policyName":"static","defaultCpuSet":"0,3","entries":{"',
+    "without defaultCpuSet": '{"policyName":"static","checksum":1}',
+}
+
+
+@pytest.mark.parametrize("kind", STATES)
+def test_runner_with_a_damaged_kubelet_state(
+    node: Node, tmp_path: Path, fault: Fault, kind: str
+) -> None:
+    text = STATES[kind]
+    fault.declare(
+        f"cpu_manager_state {kind} when the runner starts",
+        "runs with float = CPUs no instance holds"
+        if text is None
+        else "refused: one error line naming the file, exit 1",
+    )
+    kubelet = tmp_path / "damaged-kubelet"
+    kubelet.mkdir()
+    if text is not None:
+        (kubelet / "cpu_manager_state").write_text(text)
+    rp = start_runner(node, tmp_path, "1-2", "--kubelet-dir", str(kubelet))
+    if text is None:
+        ready = rp.wait_ready()
+        assert cpu_list(ready["float_cpus"]) == {0, 3}
+        fault.saw(f"running, float {ready['float_cpus']}")
+        stop(rp, fault)
+        return
+    code, err = rp.finish()
+    fault.saw(f"exit {code}")
+    assert code == 1, err
+    (error,) = error_lines(err)
+    assert "cpu_manager_state" in error["error"]
+    fault.saw(f"error: {error['error']}")
+
+
+def plumbed_spec(tmp: Path) -> Path:
+    share = tmp / "share"
+    share.mkdir()
+    return write_spec(
+        tmp,
+        vcpus=2,
+        nics=[{"mode": "tap", "ip": "10.0.2.15"}],
+        shares=[{"source": str(share), "tag": "data"}],
+        name="plumbed",
+    )
+
+
+def test_dnsmasq_killed_is_restarted(node: Node, tmp_path: Path, fault: Fault) -> None:
+    fault.declare("SIGKILL of dnsmasq", "restarted in float; the instance runs on; stop exit 0")
+    rp = start_runner(node, tmp_path, "1-2", spec=plumbed_spec(tmp_path))
+    vcpus = host_vcpus(rp, rp.wait_ready())
+    first = pod_process(rp, "dnsmasq")
+    os.kill(first, signal.SIGKILL)
+
+    def restarted() -> int | None:
+        try:
+            pid = pod_process(rp, "dnsmasq")
+        except StopIteration:
+            return None
+        return pid if pid != first else None
+
+    wait_for(restarted, timeout=10, what="a new dnsmasq")
+    new = restarted()
+    assert new is not None
+    cgroup = Path(f"/proc/{new}/cgroup").read_text().strip()
+    assert cgroup == "0::/instances/float", cgroup
+    fault.saw(f"dnsmasq {first} -> {new}, in float")
+    assert vcpus_pinned(vcpus)
+    stop(rp, fault)
+
+
+def test_virtiofsd_killed_stops_the_instance(node: Node, tmp_path: Path, fault: Fault) -> None:
+    fault.declare(
+        "SIGKILL of virtiofsd",
+        "instance-broken logged; QEMU stopped; exit 1; nothing left",
+    )
+    rp = start_runner(node, tmp_path, "1-2", spec=plumbed_spec(tmp_path))
+    rp.wait_ready()
+    os.kill(pod_process(rp, "virtiofsd"), signal.SIGKILL)
+    code, err = rp.finish()
+    fault.saw(f"exit {code}")
+    assert code == 1, err
+    assert events(err, "instance-broken"), err
+    fault.saw("instance-broken logged")
