@@ -152,6 +152,14 @@ def cli() -> None:
     hidden=True,
     help="Testing: wait before this start-up step.",
 )
+@option(
+    "--bench-resume-early",
+    "resume_early",
+    env="BENCH_RESUME_EARLY",
+    is_flag=True,
+    hidden=True,
+    help="Benchmark baseline: start the guest running and pin it only after QMP answers.",
+)
 def run(log_format: str, log_level: str, **kw: Any) -> None:
     """Start the instance and keep its vCPUs pinned until SIGTERM or the guest's end.
 

@@ -67,6 +67,7 @@ class Options:
     controller_timeout: float = 30.0
     verify_interval: float = 1.0  # how often pinning is re-checked while the guest runs; 0: never
     pause_before: str | None = None  # fault-injection hook for tests: wait before this step
+    resume_early: bool = False  # benchmark baseline: the guest runs before it is pinned
     inherited_fds: frozenset[int] = frozenset()  # open when the runner started (spec fds)
 
 
@@ -196,6 +197,18 @@ def read_optional(path: str | Path) -> str | None:
         return None
 
 
+def cpu_ns(pid: int, tid: int) -> int:
+    """Time one thread has spent on a CPU, in nanoseconds (schedstat, not tick-sampled)."""
+    return int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[0])
+
+
+def since_exec() -> float:
+    """Seconds since this process was started (its exec, as /proc/self/stat counts it)."""
+    start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+    boot_now = time.clock_gettime(time.CLOCK_BOOTTIME)
+    return boot_now - start_ticks / os.sysconf("SC_CLK_TCK")
+
+
 def cpu_ticks(pid: int, tid: int) -> int:
     """utime + stime of one thread, in clock ticks."""
     stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
@@ -322,9 +335,11 @@ class Supervisor:
         self._boots_os = False
         self._resumed = False  # the guest has run: only then can it answer the power button
         self._fds: set[int] = set()  # fds we own that QEMU also gets
+        self._exec_to_qemu = 0.0
         self._pre: Prepared | None = None
         self.placed: list[dict[str, int]] = []
         self.repins = 0
+        self.unpinned_ns: dict[int, int] = {}  # vCPU thread -> CPU time before it was pinned
 
     # --- the life ----------------------------------------------------------------------------
 
@@ -475,7 +490,7 @@ class Supervisor:
             ticks = {p["tid"]: cpu_ticks(qemu.pid, p["tid"]) for p in placed}
         except (QMPError, OSError) as e:
             raise StartupError(await self._qemu_failure(qemu, str(e))) from None
-        if status not in ("prelaunch", "paused"):
+        if status not in ("prelaunch", "paused") and not self.opts.resume_early:
             raise StartupError(f"the guest was {status!r} before its vCPUs were pinned")
 
         await self._checkpoint("cont")
@@ -488,6 +503,7 @@ class Supervisor:
             "qemu_start_to_qmp": round((qmp_ready - started) * 1000, 1),
             "qmp_to_pinned": round((pinned - qmp_ready) * 1000, 1),
             "qemu_start_to_pinned": round((pinned - started) * 1000, 1),
+            "exec_to_qemu_start": round(self._exec_to_qemu * 1000, 1),
         }
         ready = {
             "name": pre.spec.name,
@@ -500,6 +516,7 @@ class Supervisor:
             "vcpus": placed,
             "status_at_pin": status,
             "vcpu_ticks_before_cont": ticks,
+            "vcpu_cpu_ns_before_pin": self.unpinned_ns,
             "nics": [
                 {
                     "mac": pre.spec.mac(i),
@@ -739,6 +756,8 @@ class Supervisor:
             share_sockets=tuple(parts.share_sockets),
         )
         argv = qemu_argv(pre.spec, pre.accel, wiring)
+        if self.opts.resume_early:
+            argv = [a for a in argv if a != "-S"]
         if pre.isolated:
             assert pre.cg is not None
             # The wrapper joins the container cgroup, then becomes QEMU (same pid).
@@ -750,6 +769,7 @@ class Supervisor:
             inherit.append(wiring.console_fd)
         err_r, err_w = os.pipe()
         started = time.monotonic()
+        self._exec_to_qemu = since_exec()
         try:
             qemu = self.reaper.spawn("qemu", argv, pass_fds=inherit, stderr=err_w)
         except OSError as e:
@@ -791,6 +811,8 @@ class Supervisor:
         placed = []
         for v, cpu in zip(vcpus, pre.plan.placement, strict=True):
             where = {"vcpu": v["cpu-index"], "tid": int(v["thread-id"]), "cpu": cpu}
+            with contextlib.suppress(OSError):
+                self.unpinned_ns[where["tid"]] = cpu_ns(qemu.pid, where["tid"])
             place_vcpu(cg, instance_cg, qemu.pid, where)
             placed.append(where)
         return placed

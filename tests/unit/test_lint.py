@@ -13,6 +13,8 @@ PY_SCRIPTS = [
     "scripts/demo-inside",
     "scripts/measure-pin",
     "scripts/faults",
+    "scripts/bench",
+    "scripts/bench-inside",
 ]
 TARGETS = ["runner", "tests", "images", *PY_SCRIPTS]
 

@@ -96,7 +96,12 @@ def test_anchor_killed(node: Node, tmp_path: Path, fault: Fault, driver: str) ->
     wait_for(settled, timeout=10, what="a new anchor or the scope's removal")
     if container.exists():
         (new,) = (container / "cgroup.procs").read_text().split()
-        assert Path(f"/proc/{new}/cmdline").read_bytes() == b"sleep\0infinity\0"
+        # The new anchor joins the container cgroup first, then becomes `sleep infinity`.
+        wait_for(
+            lambda: Path(f"/proc/{new}/cmdline").read_bytes() == b"sleep\0infinity\0",
+            timeout=5,
+            what="the new anchor to exec",
+        )
         fault.saw(f"anchor {anchor} replaced by {new} in the container cgroup")
     else:
         assert driver == "systemd", "only systemd removes an emptied scope"
