@@ -3,6 +3,7 @@ against the mount point; errors name the file and the operation."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 from pathlib import Path
@@ -105,6 +106,14 @@ class CgroupFS:
         if not cpu_set:
             raise CgroupError(f"refusing to write an empty cpuset to {cgroup}")
         self.write(cgroup, "cpuset.cpus", cpus.format(cpu_set))
+
+    def spread_threads(self, cgroup: str, cpu_set: CpuSet) -> None:
+        """Every thread of `cgroup` allowed on all of `cpu_set`. Needed after a cpuset grows:
+        since 6.2 a thread keeps the affinity it was given, and a growing cpuset does not
+        reach it. Best effort: threads come and go."""
+        for tid in self.threads(cgroup):
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(tid, cpu_set)
 
     def move_process(self, cgroup: str, pid: int) -> None:
         self.write(cgroup, "cgroup.procs", str(pid))

@@ -210,6 +210,7 @@ class Controller:
                 )
             elif want != have:
                 self.cg.set_cpus(self.float, want)
+                self.cg.spread_threads(self.float, want)
                 log.info("float-cpus", old=cpus.format(have), new=cpus.format(want), reason=reason)
 
     async def reconcile_loop(self) -> None:

@@ -267,6 +267,7 @@ class ControllerCgroups:
         self.timeout = timeout
         self.uuid = uuid
         self.asked = False  # a registration may have happened, even if its answer was lost
+        self.unidentifiable = False  # out of the pod's cgroup: the controller cannot know us
 
     def other_instance_cpus(self, _own: str) -> CpuSet:
         return frozenset()  # the controller checks overlaps
@@ -308,6 +309,13 @@ class ControllerCgroups:
 
     async def release(self) -> None:
         if not self.asked:
+            return
+        if self.unidentifiable:
+            log.warning(
+                "deregister-skipped",
+                reason="the container cgroup is gone, so the controller cannot tell our pod",
+                detail="it removes the instance cgroup once the pod leaves cpu_manager_state",
+            )
             return
         await rpc.call(
             self.socket,
@@ -432,8 +440,8 @@ class Supervisor:
 
                     for child in [qemu, *self.critical]:
                         watchers.start_soon(watch, child)
-                    watchers.start_soon(self._keep_pinned, qemu)
-                    watchers.start_soon(self._follow_kubelet)
+                    watchers.start_soon(_monitor, "verify-pinning", self._keep_pinned, qemu)
+                    watchers.start_soon(_monitor, "follow-kubelet", self._follow_kubelet)
         self._interruptible = None
         dead = [c for c in broken if c is not qemu]
         if dead and qemu.running:
@@ -657,11 +665,15 @@ class Supervisor:
             raise StartupError(str(e)) from None
 
         def move_back() -> None:
-            if not cg.dir(own).is_dir():
+            try:
+                cg.move_process(own, os.getpid())
+            except CgroupError:
+                if cg.dir(own).is_dir():
+                    raise
                 # Its scope went with its last process: the pod is going away anyway.
                 log.warning("container-cgroup-gone", cgroup=own, detail="staying in float")
-                return
-            cg.move_process(own, os.getpid())
+                if isinstance(cgroups, ControllerCgroups):
+                    cgroups.unidentifiable = True
 
         self.teardown.push("move back to the container cgroup", _async(move_back))
         now_in = kube.own_cgroup_path(None, read_optional("/proc/self/cgroup"))
@@ -868,13 +880,13 @@ class Supervisor:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(watch)
             while True:
+                wake = trio.Event()
+                try:  # at once first: kubelet may have moved during our start-up
+                    self._resync_float(pre)
+                except (CgroupError, OSError, ValueError) as e:
+                    log.error("float-resync-failed", error=str(e))
                 with trio.move_on_after(KUBELET_RESYNC):
                     await wake.wait()
-                wake = trio.Event()
-                try:
-                    self._resync_float(pre)
-                except (CgroupError, OSError, cpus.CpuListError) as e:
-                    log.error("float-resync-failed", error=str(e))
 
     def _resync_float(self, pre: Prepared) -> None:
         assert pre.cg is not None and pre.plan is not None and pre.float_cg is not None
@@ -892,13 +904,14 @@ class Supervisor:
         have = pre.cg.cpus(pre.float_cg, effective=False)
         if want and want != have:
             pre.cg.set_cpus(pre.float_cg, want)
+            pre.cg.spread_threads(pre.float_cg, want)
             log.info("float-cpus", old=cpus.format(have), new=cpus.format(want), reason="kubelet")
 
     async def _start_anchor(self, pre: Prepared) -> None:
         """systemd removes a scope with no process in it: something must stay behind, and
         must be put back if it dies."""
         assert self._nursery is not None and pre.cg is not None
-        procs = pre.cg.dir(pre.own) / "cgroup.procs"
+        procs = str(pre.cg.dir(pre.own) / "cgroup.procs")
         current = [self.reaper.spawn("anchor", ["sleep", "infinity"])]
         scope, done = trio.CancelScope(), trio.Event()
 
@@ -910,23 +923,30 @@ class Supervisor:
                     while True:
                         code = await current[0].wait()
                         log.warning("anchor-died", code=code)
-                        if not procs.exists():
-                            log.error(
-                                "container-cgroup-gone",
-                                cgroup=pre.own,
-                                detail="removed with its last process; the instance runs on",
-                            )
-                            return
-                        # We may be in float by now: the new anchor joins the container itself.
-                        current[0] = self.reaper.spawn(
-                            "anchor",
-                            ["sh", "-c", 'echo $$ > "$0" && exec sleep infinity', str(procs)],
-                        )
+                        while True:
+                            if not os.path.exists(procs):
+                                log.error(
+                                    "container-cgroup-gone",
+                                    cgroup=pre.own,
+                                    detail="removed with its last process; the instance runs on",
+                                )
+                                return
+                            try:
+                                # We are in float by now: the new anchor joins the container.
+                                current[0] = self.reaper.spawn(
+                                    "anchor",
+                                    ["sh", "-c", 'echo $$ > "$0" && exec sleep infinity', procs],
+                                )
+                                break
+                            except OSError as e:  # no fork now (a storm of processes)
+                                log.error("anchor-restart-failed", error=e.strerror, retry=delay)
+                            await trio.sleep(delay)
+                            delay = min(delay * 2, 10.0)
                         log.info("anchor-restarted", pid=current[0].pid)
-                        await trio.sleep(delay)
+                        await trio.sleep(delay)  # an anchor that keeps dying is not a busy loop
                         delay = min(delay * 2, 10.0)
-            except OSError as e:
-                log.error("anchor-restart-failed", error=e.strerror)
+            except Exception as e:  # the reaper shares this nursery: never take it down
+                log.error("anchor-keeper-failed", error=f"{type(e).__name__}: {e}")
             finally:
                 done.set()
 
@@ -1086,6 +1106,14 @@ def _async(fn: Callable[..., object], *args: object, **kw: object) -> Callable[[
         fn(*args, **kw)
 
     return call
+
+
+async def _monitor(name: str, fn: Callable[..., Awaitable[None]], *args: object) -> None:
+    """A watch kept beside the guest: its failure is logged, never the end of the instance."""
+    try:
+        await fn(*args)
+    except Exception as e:
+        log.error("monitor-failed", monitor=name, error=f"{type(e).__name__}: {e}")
 
 
 def place_vcpu(cg: CgroupFS, instance_cg: str, qemu_pid: int, where: dict[str, int]) -> None:
