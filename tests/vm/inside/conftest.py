@@ -12,23 +12,27 @@ import time
 import uuid
 from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[3]
 PODSIM = REPO / "scripts" / "podsim"
 CG = Path("/sys/fs/cgroup")
+T = TypeVar("T")
 
 if not os.environ.get("TESTVM"):  # pragma: no cover - guarded by tests/conftest.py too
     pytest.skip("runs inside scripts/testvm only", allow_module_level=True)
 
 
-def wait_for(pred: Callable[[], object], timeout: float = 20, what: str = "condition") -> None:
+def wait_for(pred: Callable[[], T], timeout: float = 20, what: str = "condition") -> T:
+    """Polls until `pred` gives something true, and returns that."""
     deadline = time.monotonic() + timeout
-    while not pred():
+    while not (value := pred()):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.05)
+    return value
 
 
 def kube_cgroups() -> set[str]:

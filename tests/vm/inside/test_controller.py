@@ -56,10 +56,17 @@ class Daemon:
             ],
             stderr=open(self.log, "ab"),  # noqa: SIM115 - the daemon owns it
         )
-        wait_for(
-            lambda: self.answers() or self.proc.poll() is not None,
-            what="the controller to answer",
-        )
+        try:
+            wait_for(
+                lambda: self.answers() or self.proc.poll() is not None,
+                timeout=60,
+                what="the controller to answer",
+            )
+        except AssertionError:
+            # Never leave it running: a stray controller would sweep later tests' cgroups.
+            self.proc.kill()
+            self.proc.wait()
+            raise
         assert self.proc.poll() is None, self.log.read_text()
         return self
 
