@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -248,6 +249,16 @@ def test_runner_with_a_damaged_kubelet_state(
     fault.saw(f"error: {error['error']}")
 
 
+def short_run_dir(tmp: Path) -> Path:
+    """virtiofs sockets live in the run dir, and socket paths are limited to 107 bytes: a
+    nested pytest's tmp path can be longer than that."""
+    link = Path(tempfile.mkdtemp(prefix="rd-", dir="/run"))
+    (tmp / "run").mkdir()
+    link.rmdir()
+    link.symlink_to(tmp / "run")
+    return link
+
+
 def plumbed_spec(tmp: Path) -> Path:
     share = tmp / "share"
     share.mkdir()
@@ -262,7 +273,9 @@ def plumbed_spec(tmp: Path) -> Path:
 
 def test_dnsmasq_killed_is_restarted(node: Node, tmp_path: Path, fault: Fault) -> None:
     fault.declare("SIGKILL of dnsmasq", "restarted in float; the instance runs on; stop exit 0")
-    rp = start_runner(node, tmp_path, "1-2", spec=plumbed_spec(tmp_path))
+    rp = start_runner(
+        node, tmp_path, "1-2", spec=plumbed_spec(tmp_path), run_dir=short_run_dir(tmp_path)
+    )
     vcpus = host_vcpus(rp, rp.wait_ready())
     first = pod_process(rp, "dnsmasq")
     os.kill(first, signal.SIGKILL)
@@ -289,7 +302,9 @@ def test_virtiofsd_killed_stops_the_instance(node: Node, tmp_path: Path, fault: 
         "SIGKILL of virtiofsd",
         "instance-broken logged; QEMU stopped; exit 1; nothing left",
     )
-    rp = start_runner(node, tmp_path, "1-2", spec=plumbed_spec(tmp_path))
+    rp = start_runner(
+        node, tmp_path, "1-2", spec=plumbed_spec(tmp_path), run_dir=short_run_dir(tmp_path)
+    )
     rp.wait_ready()
     os.kill(pod_process(rp, "virtiofsd"), signal.SIGKILL)
     code, err = rp.finish()
