@@ -78,7 +78,17 @@ def test_topology_gives_numa_nodes_and_smt_siblings(testvm: VMRunner) -> None:
         cat cpu/cpu0/topology/thread_siblings_list cpu/cpu5/topology/thread_siblings_list
         cat cpu/cpu4/topology/physical_package_id
     """)
-    r = testvm.run("--topology", "sockets=2,cores=2,threads=2", "--", "sh", "-c", script)
+    # 8 emulated CPUs boot slowly on a loaded 2-core host: more than the default deadline.
+    r = testvm.run(
+        "--topology",
+        "sockets=2,cores=2,threads=2",
+        "--boot-timeout",
+        "300",
+        "--",
+        "sh",
+        "-c",
+        script,
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["2", "0-3", "4-7", "0-1", "4-5", "1"]
 
