@@ -25,7 +25,7 @@ import trio
 from runner import cpus, kube, rpc
 from runner.cgroups import CgroupError, CgroupFS
 from runner.cpus import CpuSet
-from runner.inotify import DirWatch
+from runner.inotify import watch_kubelet_state
 from runner.log import log
 
 STATE_FILE = "cpu_manager_state"
@@ -223,30 +223,6 @@ class Controller:
                 await self.reconcile(reason)
             except Exception as e:  # a bad moment in cgroupfs must not stop the loop
                 log.error("reconcile-failed", error=f"{type(e).__name__}: {e}")
-
-    async def watch_kubelet(self) -> None:
-        try:
-            watch = DirWatch(self.opts.kubelet_dir)
-        except OSError as e:
-            log.warning(
-                "kubelet-dir-unwatched",
-                dir=self.opts.kubelet_dir,
-                error=str(e),
-                fallback=f"resync every {self.opts.resync_interval:g} s",
-            )
-            return
-        try:
-            async for names in watch.changes():
-                if STATE_FILE.encode() in names or DirWatch.OVERFLOW in names:
-                    self.poke()
-        except Exception as e:  # losing the watch only slows float down to the resync pace
-            log.error(
-                "kubelet-watch-failed",
-                error=f"{type(e).__name__}: {e}",
-                fallback=f"resync every {self.opts.resync_interval:g} s",
-            )
-        finally:
-            watch.close()
 
     # --- RPC -----------------------------------------------------------------------------------
 
@@ -499,7 +475,12 @@ class Controller:
             try:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self.reconcile_loop)
-                    nursery.start_soon(self.watch_kubelet)
+                    nursery.start_soon(
+                        watch_kubelet_state,
+                        self.opts.kubelet_dir,
+                        self.poke,
+                        self.opts.resync_interval,
+                    )
                     nursery.start_soon(trio.serve_listeners, self.serve_connection, [listener])
                     self.poke()
                     log.info("controller-serving", socket=self.opts.socket)

@@ -1,13 +1,16 @@
-"""inotify on one directory, as a trio async iterator of the names that changed."""
+"""inotify on one directory, as a trio async iterator of the names that changed; and the
+watch on kubelet's state file that the runner and the controller share."""
 
 from __future__ import annotations
 
 import ctypes
 import os
 import struct
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import trio
+
+from runner.log import log
 
 
 class DirWatch:
@@ -55,3 +58,24 @@ class DirWatch:
 
     def close(self) -> None:
         os.close(self.fd)
+
+
+async def watch_kubelet_state(
+    kubelet_dir: str, on_change: Callable[[], None], resync: float
+) -> None:
+    """Calls `on_change` whenever cpu_manager_state may have changed (kubelet replaces it by
+    rename). Never raises: without the watch, the caller's resync every `resync` s remains."""
+    fallback = f"resync every {resync:g} s"
+    try:
+        watch = DirWatch(kubelet_dir)
+    except OSError as e:
+        log.warning("kubelet-dir-unwatched", dir=kubelet_dir, error=str(e), fallback=fallback)
+        return
+    try:
+        async for names in watch.changes():
+            if b"cpu_manager_state" in names or DirWatch.OVERFLOW in names:
+                on_change()
+    except Exception as e:  # losing the watch only slows the caller down to the resync pace
+        log.error("kubelet-watch-failed", error=f"{type(e).__name__}: {e}", fallback=fallback)
+    finally:
+        watch.close()

@@ -28,7 +28,7 @@ import trio
 from runner import cpus, kube, plan, plumbing, rpc, spec
 from runner.cgroups import CgroupError, CgroupFS, thread_cgroup
 from runner.cpus import CpuSet
-from runner.inotify import DirWatch
+from runner.inotify import watch_kubelet_state
 from runner.log import log
 from runner.procs import Child, Reaper, become_subreaper
 from runner.qemu import Wiring, dnsmasq_argv, qemu_argv, virtiofsd_argv
@@ -863,22 +863,10 @@ class Supervisor:
         if pre is None or not isinstance(pre.cgroups, EmbeddedCgroups) or not self.placed:
             return
         wake = trio.Event()
-
-        async def watch() -> None:
-            try:
-                dir_watch = DirWatch(self.opts.kubelet_dir)
-            except OSError as e:
-                log.warning("kubelet-dir-unwatched", error=str(e), resync=KUBELET_RESYNC)
-                return
-            try:
-                async for names in dir_watch.changes():
-                    if b"cpu_manager_state" in names or DirWatch.OVERFLOW in names:
-                        wake.set()
-            finally:
-                dir_watch.close()
-
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(watch)
+            nursery.start_soon(
+                watch_kubelet_state, self.opts.kubelet_dir, lambda: wake.set(), KUBELET_RESYNC
+            )
             while True:
                 wake = trio.Event()
                 try:  # at once first: kubelet may have moved during our start-up

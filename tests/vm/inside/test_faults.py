@@ -11,6 +11,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -57,6 +58,12 @@ def host_vcpus(rp: RunnerPod, ready: dict) -> list[dict]:
     return [{**v, "tid": by_ns_tid[v["tid"]]} for v in ready["vcpus"]]
 
 
+def running(node: Node, tmp: Path, cpus: str, **kw: Any) -> tuple[RunnerPod, list[dict]]:
+    """A ready runner pod, and its vCPUs as this namespace sees them."""
+    rp = start_runner(node, tmp, cpus, **kw)
+    return rp, host_vcpus(rp, rp.wait_ready())
+
+
 def vcpus_pinned(vcpus: list[dict]) -> bool:
     """Every vCPU thread still in the instance cgroup and on its own CPU alone."""
     for v in vcpus:
@@ -82,8 +89,7 @@ def test_anchor_killed(node: Node, tmp_path: Path, fault: Fault, driver: str) ->
         f"SIGKILL of the anchor ({driver} driver)",
         "anchor put back (systemd may remove the scope first); vCPUs stay pinned; stop exit 0",
     )
-    rp = start_runner(node, tmp_path, "1-2", driver=driver)
-    vcpus = host_vcpus(rp, rp.wait_ready())
+    rp, vcpus = running(node, tmp_path, "1-2", driver=driver)
     container = container_of(rp.pod.uid)
     (anchor,) = (container / "cgroup.procs").read_text().split()
     os.kill(int(anchor), signal.SIGKILL)
@@ -118,8 +124,7 @@ def test_vcpu_moved_behind_our_back_is_put_back(node: Node, tmp_path: Path, faul
         "a vCPU's affinity changed and another vCPU moved to float, behind the runner's back",
         "drift logged, both put back within the verify interval (1 s); stop exit 0",
     )
-    rp = start_runner(node, tmp_path, "1-2")
-    vcpus = host_vcpus(rp, rp.wait_ready())
+    rp, vcpus = running(node, tmp_path, "1-2")
     first, second = vcpus
     os.sched_setaffinity(first["tid"], {0, 1, 2, 3})
     (FLOAT / "cgroup.threads").write_text(str(second["tid"]))
@@ -141,8 +146,7 @@ def test_a_thousand_orphans_are_reaped(node: Node, tmp_path: Path, fault: Fault)
         "1000 orphaned children reparented to the runner (PID 1)",
         "all reaped, no zombie left; vCPUs stay pinned; stop exit 0",
     )
-    rp = start_runner(node, tmp_path, "1-2")
-    vcpus = host_vcpus(rp, rp.wait_ready())
+    rp, vcpus = running(node, tmp_path, "1-2")
     runner = rp.runner_pid()
     # Each `sleep` is started by a subshell that exits at once: 1000 orphans for the runner.
     script = "i=0; while [ $i -lt 1000 ]; do (sleep 1 &); i=$((i+1)); done"
@@ -171,8 +175,7 @@ def test_kubelet_moves_default_cpuset_while_running(
         "kubelet gives a shared CPU to a new pod, then takes it back (no controller)",
         "float follows defaultCpuSet within 1 s each way; vCPUs untouched; stop exit 0",
     )
-    rp = start_runner(node, tmp_path, "1")
-    vcpus = host_vcpus(rp, rp.wait_ready())
+    rp, vcpus = running(node, tmp_path, "1")
     qemu = pod_process(rp, "qemu-system")
     vcpu_tids = {v["tid"] for v in vcpus}
 
@@ -273,10 +276,9 @@ def plumbed_spec(tmp: Path) -> Path:
 
 def test_dnsmasq_killed_is_restarted(node: Node, tmp_path: Path, fault: Fault) -> None:
     fault.declare("SIGKILL of dnsmasq", "restarted in float; the instance runs on; stop exit 0")
-    rp = start_runner(
+    rp, vcpus = running(
         node, tmp_path, "1-2", spec=plumbed_spec(tmp_path), run_dir=short_run_dir(tmp_path)
     )
-    vcpus = host_vcpus(rp, rp.wait_ready())
     first = pod_process(rp, "dnsmasq")
     os.kill(first, signal.SIGKILL)
 
