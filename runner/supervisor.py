@@ -903,33 +903,36 @@ class Supervisor:
         current = [self.reaper.spawn("anchor", ["sleep", "infinity"])]
         scope, done = trio.CancelScope(), trio.Event()
 
+        async def respawn() -> bool:
+            """A new anchor, retried while fork fails; False once the container cgroup is
+            gone. We are in float by now: the new anchor joins the container itself."""
+            delay = 0.1
+            while os.path.exists(procs):
+                try:
+                    current[0] = self.reaper.spawn(
+                        "anchor", ["sh", "-c", 'echo $$ > "$0" && exec sleep infinity', procs]
+                    )
+                    return True
+                except OSError as e:  # no fork now (a storm of processes)
+                    log.error("anchor-restart-failed", error=e.strerror, retry=delay)
+                await trio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+            log.error(
+                "container-cgroup-gone",
+                cgroup=pre.own,
+                detail="removed with its last process; the instance runs on",
+            )
+            return False
+
         async def keep(task_status: trio.TaskStatus[None]) -> None:
             task_status.started()
             delay = 0.1
             try:
                 with scope:
                     while True:
-                        code = await current[0].wait()
-                        log.warning("anchor-died", code=code)
-                        while True:
-                            if not os.path.exists(procs):
-                                log.error(
-                                    "container-cgroup-gone",
-                                    cgroup=pre.own,
-                                    detail="removed with its last process; the instance runs on",
-                                )
-                                return
-                            try:
-                                # We are in float by now: the new anchor joins the container.
-                                current[0] = self.reaper.spawn(
-                                    "anchor",
-                                    ["sh", "-c", 'echo $$ > "$0" && exec sleep infinity', procs],
-                                )
-                                break
-                            except OSError as e:  # no fork now (a storm of processes)
-                                log.error("anchor-restart-failed", error=e.strerror, retry=delay)
-                            await trio.sleep(delay)
-                            delay = min(delay * 2, 10.0)
+                        log.warning("anchor-died", code=await current[0].wait())
+                        if not await respawn():
+                            return
                         log.info("anchor-restarted", pid=current[0].pid)
                         await trio.sleep(delay)  # an anchor that keeps dying is not a busy loop
                         delay = min(delay * 2, 10.0)
