@@ -13,7 +13,8 @@ import trio
 
 from runner import __version__
 from runner.log import log
-from runner.supervisor import STEPS, Options, Supervisor
+from runner.run.options import RUN_DIR_BASE, Options
+from runner.run.steps import STEP_NAMES
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -92,8 +93,9 @@ def cli() -> None:
 @option(
     "--run-dir",
     env="RUN_DIR",
-    default="/run/instance-runner",
-    help="Where the readiness file 'ready' is written.",
+    metavar="DIR",
+    help="Where the readiness file 'ready' and the virtiofs sockets go, locked by this "
+    f"runner [default: {RUN_DIR_BASE}/<pod uid>, or <name> with isolation off].",
 )
 @seconds(
     "shutdown-timeout",
@@ -148,7 +150,7 @@ def cli() -> None:
 @option(
     "--pause-before",
     env="PAUSE_BEFORE",
-    type=click.Choice(STEPS),
+    type=click.Choice(STEP_NAMES),
     hidden=True,
     help="Testing: wait before this start-up step.",
 )
@@ -170,6 +172,8 @@ def run(log_format: str, log_level: str, **kw: Any) -> None:
     log.configure(log_format, log_level)  # type: ignore[arg-type]
     # Before trio opens its own: the fds a spec may name are the ones we were handed.
     inherited = frozenset(int(fd) for fd in os.listdir("/proc/self/fd")) - {0, 1, 2}
+    from runner.run.supervisor import Supervisor
+
     sys.exit(trio.run(Supervisor(Options(**kw, inherited_fds=inherited)).run))
 
 
@@ -191,10 +195,11 @@ def controller(log_format: str, log_level: str, **kw: Any) -> None:
     (registerCgroup, deregisterCgroup, listInstances, health), one request per line. float
     follows kubelet's defaultCpuSet; instance cgroups of pods that are gone are removed.
     """
-    from runner.controller import Controller, ControllerOptions
+    from runner.controller.server import Server
+    from runner.controller.service import ControllerOptions
 
     log.configure(log_format, log_level)  # type: ignore[arg-type]
-    sys.exit(trio.run(Controller(ControllerOptions(**kw)).run))
+    sys.exit(trio.run(Server(ControllerOptions(**kw)).run))
 
 
 def main() -> None:

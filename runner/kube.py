@@ -116,8 +116,14 @@ class KubeletState:
     default_cpus: CpuSet
     entries: dict[str, dict[str, CpuSet]]
 
-    def pod_cpus(self, uid: str) -> CpuSet:
-        return frozenset().union(*self.entries.get(uid, {}).values())
+    def container_with(self, uid: str, cpu_set: CpuSet) -> str | None:
+        """The name of the pod's container whose exclusive allocation is exactly `cpu_set`.
+        Each container has its own entry (sidecars, an init container's leftover): a
+        container's allocation is its entry, never the union over the pod."""
+        for name, allocated in sorted(self.entries.get(uid, {}).items()):
+            if allocated == cpu_set:
+                return name
+        return None
 
 
 def parse_cpu_manager_state(text: str) -> KubeletState:

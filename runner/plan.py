@@ -1,13 +1,16 @@
-"""Everything decided before acting: which CPUs float and the instance get, which vCPU runs
-where. Pure: inputs are what was read from the system, output is a Plan or a PlanError."""
+"""Everything decided before acting: which CPUs the instance gets, which vCPU runs where,
+which QEMU thread is which vCPU. Pure: inputs are what was read from the system, output is a
+Plan or a PlanError."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import attrs
 
 from runner import cpus
 from runner.cpus import CpuSet
-from runner.kube import KubeletState, PodCgroup
+from runner.kube import PodCgroup
 from runner.spec import InstanceSpec
 
 
@@ -19,45 +22,34 @@ class PlanError(ValueError):
 class Plan:
     pod: PodCgroup
     instance_cpus: tuple[int, ...]  # ascending
-    float_cpus: CpuSet
     placement: tuple[int, ...]  # placement[vcpu index] = host CPU
 
-    @property
-    def instance_name(self) -> str:
-        return f"instance-{self.pod.pod_uid}"
 
-
-def shared_cpus(
-    kubelet: KubeletState | None, online: CpuSet, instance: CpuSet, other_instances: CpuSet
-) -> CpuSet:
-    """float's CPUs: kubelet's defaultCpuSet when it has one (policy "none" writes ""), else
-    every online CPU that no instance holds."""
-    if kubelet is not None and kubelet.default_cpus:
-        # kubelet's pool, less what another instance still holds (its state can lag).
-        return kubelet.default_cpus - other_instances
-    return online - instance - other_instances
+@attrs.frozen
+class Placed:
+    vcpu: int
+    tid: int
+    cpu: int
 
 
 def make_plan(
     spec: InstanceSpec,
     pod: PodCgroup,
     container_cpus: CpuSet,
-    kubelet: KubeletState | None,
-    online: CpuSet,
-    other_instances: CpuSet = frozenset(),
+    shared: CpuSet | None,
     allow_spare_cpus: bool = False,
 ) -> Plan:
+    """`shared`: the node's shared CPUs (what float is made of), or None when the node
+    controller checks them instead of us."""
     if not container_cpus:
         raise PlanError(f"the container cgroup {pod.path} has no CPUs")
-    floating = shared_cpus(kubelet, online, container_cpus, other_instances)
-    overlap = floating & container_cpus
-    if overlap:
+    if shared is not None and shared & container_cpus:
         raise PlanError(
             f"the pod's CPUs {cpus.format(container_cpus)} are shared CPUs "
-            f"(kubelet's defaultCpuSet {cpus.format(floating)}): dedicated vCPUs need a "
+            f"(kubelet's defaultCpuSet {cpus.format(shared)}): dedicated vCPUs need a "
             "Guaranteed pod with whole CPUs on a node with the static CPU manager policy"
         )
-    if not floating:
+    if shared is not None and not shared - container_cpus:
         raise PlanError("no shared CPUs are left for the pod's other threads")
     n = len(container_cpus)
     if spec.vcpus > n or (spec.vcpus < n and not allow_spare_cpus):
@@ -67,4 +59,24 @@ def make_plan(
             + ("" if spec.vcpus > n else " (or allow spare CPUs)")
         )
     ordered = tuple(sorted(container_cpus))
-    return Plan(pod, ordered, floating, ordered[: spec.vcpus])
+    return Plan(pod, ordered, ordered[: spec.vcpus])
+
+
+def match_vcpus(found: list[dict[str, Any]], placement: tuple[int, ...]) -> list[Placed]:
+    """QEMU's `query-cpus-fast` answer matched to the placement, vCPU by vCPU. Each vCPU
+    needs a thread of its own: two vCPUs on one thread (TCG without thread=multi) cannot
+    each own a CPU, and pinning them would flip the thread between the two for ever."""
+    vcpus = sorted(found, key=lambda v: int(v["cpu-index"]))
+    if len(vcpus) != len(placement):
+        raise PlanError(f"QEMU reports {len(vcpus)} vCPUs, the spec asks for {len(placement)}")
+    tids = [int(v["thread-id"]) for v in vcpus]
+    if len(set(tids)) != len(tids):
+        shared = sorted({t for t in tids if tids.count(t) > 1})
+        raise PlanError(
+            f"QEMU runs several vCPUs on one thread ({', '.join(map(str, shared))}): "
+            "each vCPU needs its own thread (TCG needs thread=multi)"
+        )
+    return [
+        Placed(int(v["cpu-index"]), tid, cpu)
+        for v, tid, cpu in zip(vcpus, tids, placement, strict=True)
+    ]

@@ -1,6 +1,6 @@
 """What a guest needs besides QEMU: taps with DHCP (dnsmasq), virtiofs daemons, the console.
 
-Thin effectful layer; the command lines come from runner.qemu. Every child goes through the
+Thin effectful layer; the command lines come from runner.argv. Every child goes through the
 one reaper (runner.procs), including the short `ip` commands.
 """
 

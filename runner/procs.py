@@ -12,23 +12,38 @@ import ctypes
 import os
 import signal
 import subprocess
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import trio
 
 from runner.log import log
 
 PR_SET_CHILD_SUBREAPER = 36
+PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def become_subreaper() -> None:
     """When not PID 1, orphans of our children must still come to us."""
     if os.getpid() == 1:
         return
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+    if _libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"prctl(PR_SET_CHILD_SUBREAPER): {os.strerror(err)}")
+
+
+def _die_with_parent(parent: int) -> Callable[[], None]:
+    """Run in the child between fork and exec: SIGKILL it when the runner dies. As PID 1 the
+    kernel does that for the whole pid namespace; when the runner is not PID 1 (a pod with
+    shareProcessNamespace) nothing else would stop a QEMU left behind by a SIGKILLed runner.
+    It survives exec; a parent already gone before the prctl is caught by the check."""
+
+    def set_up() -> None:
+        _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:
+            os._exit(137)
+
+    return set_up
 
 
 def exit_code(status: int) -> int:
@@ -118,6 +133,7 @@ class Reaper:
             env=dict(env) if env is not None else None,
             process_group=0,
             close_fds=True,
+            preexec_fn=_die_with_parent(os.getpid()),
         )
         child = Child(name, popen)
         self.children[child.pid] = child

@@ -112,6 +112,10 @@ class ConnectError(OSError):
     """No connection was made: nothing was sent."""
 
 
+class ConnectionLost(OSError):
+    """The connection broke after it was made: the request may have been read."""
+
+
 class RPCError(Exception):
     """An error response, raised on the client side."""
 
@@ -248,9 +252,18 @@ async def call(
             raise ConnectError(
                 e.errno, f"cannot connect to {socket_path}: {e.strerror or e}"
             ) from None
-        async with stream:
-            await stream.send_all(encode_request(method, params, 1))
-            line = await LineReader(stream).readline()
+        try:
+            async with stream:
+                await stream.send_all(encode_request(method, params, 1))
+                line = await LineReader(stream).readline()
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
+            # ECONNRESET, EPIPE: a controller that is full, or restarting, dropped us.
+            cause = e.__cause__ if isinstance(e.__cause__, OSError) else None
+            raise ConnectionLost(
+                getattr(cause, "errno", None) or 0,
+                f"the controller at {socket_path} dropped the connection: "
+                f"{getattr(cause, 'strerror', None) or type(e).__name__}",
+            ) from None
     if line is None:
         raise RPCError(INTERNAL_ERROR, "the controller closed the connection")
     return decode_response(line, result_type, 1)

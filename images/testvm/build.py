@@ -19,45 +19,63 @@ sys.path.insert(0, str(HERE.parent))
 import debkernel  # noqa: E402
 from debkernel import BuildError, assemble, cache_key, run  # noqa: E402
 
-# What the init script needs, in the order it loads them; dependencies are added from
-# modules.dep, built-in ones (modules.builtin) are skipped, so the list works across series.
+# The leaves the init script needs, nothing more. What they depend on (the virtio core, 9pnet,
+# netfs, and fscache where it is still a module of its own) comes in from the kernel's
+# modules.dep in load order, and what a kernel builds in is skipped, so one list fits 6.1
+# (virtio as modules, fscache.ko) and 6.12 (virtio built in, fscache merged into netfs.ko).
 WANTED_MODULES = [
-    "virtio_ring",
-    "virtio",
-    "virtio_pci_legacy_dev",
-    "virtio_pci_modern_dev",
-    "virtio_pci",
-    "virtio_console",
-    "9pnet",
-    "9pnet_virtio",
-    "netfs",
-    "fscache",
-    "9p",
-    "overlay",
-    "tun",
+    "virtio_pci",  # the PCI transport of every virtio device below
+    "virtio_console",  # the testvm.* ports
+    "9pnet_virtio",  # 9p over virtio ...
+    "9p",  # ... for the host's root file system
+    "overlay",  # the writable root over it
+    "tun",  # /dev/net/tun for the jobs
 ]
 
 SERIES = ("6.1", "6.12")
 
 
-def kernel_package(series: str) -> str:
-    """The newest stock kernel package of a series that apt knows about."""
+def kernel_packages(series: str) -> list[str]:
+    """Stock kernel packages of a series that apt knows about, best first (at most three).
+
+    6.1: the build the metapackage linux-image-amd64 names, then the newest ABIs. 6.12: the
+    newest build (the unsigned package comes out first), then the one linux-image-6.12-amd64
+    names. A later build of either series is picked up by name, whatever its modules' layout.
+    """
     if series == "6.1":
-        # The metapackage names the current 6.1 ABI.
-        out = run(["apt-cache", "depends", "linux-image-amd64"])
-        m = re.search(r"Depends: (linux-image-6\.1\.0-\d+-amd64)\b", out)
-        if m:
-            return m.group(1)
-        pattern = re.compile(r"^linux-image-6\.1\.0-(\d+)-amd64$")
+        meta, pattern = "linux-image-amd64", r"linux-image-6\.1\.0-(\d+)-amd64"
     else:
-        pattern = re.compile(r"^linux-image-6\.12\.(\d+)\+deb\d+-amd64-unsigned$")
+        meta, pattern = "linux-image-6.12-amd64", r"linux-image-6\.12\.(\d+)\+deb\d+-amd64-unsigned"
     names = run(["apt-cache", "pkgnames", "linux-image-6."]).split()
-    found = sorted((int(m.group(1)), n) for n in names if (m := pattern.match(n)))
+    builds = sorted((int(m.group(1)), n) for n in names if (m := re.fullmatch(pattern, n)))
+    newest = [n for _, n in reversed(builds)]
+    try:
+        deps = re.findall(r"Depends: (linux-image-\S+)", run(["apt-cache", "depends", meta]))
+    except BuildError:
+        deps = []
+    named = [d for d in deps if d.startswith(f"linux-image-{series}.")][:1]
+    found = list(dict.fromkeys(named + newest[:2] if series == "6.1" else newest[:2] + named))
     if not found:
         raise BuildError(
             f"no linux-image package of series {series} known to apt (run 'apt-get update')"
         )
-    return found[-1][1]
+    return found
+
+
+def download(series: str, tmp: Path) -> tuple[str, Path]:
+    """Download the best package of the series that the mirror still has."""
+    errors = []
+    for pkg in kernel_packages(series):
+        try:
+            run(["apt-get", "download", pkg], cwd=tmp)
+        except BuildError as e:
+            errors.append(str(e))
+            continue
+        debs = list(tmp.glob("*.deb"))
+        if len(debs) != 1:
+            raise BuildError(f"apt-get download {pkg} gave {len(debs)} files")
+        return pkg, debs[0]
+    raise BuildError(f"no {series} kernel package to download: " + "; ".join(errors))
 
 
 def ensure(cache: Path, series: str) -> Path:
@@ -67,12 +85,8 @@ def ensure(cache: Path, series: str) -> Path:
     key = cache_key(HERE / "build.py", HERE / "init", extra=series)
 
     def build(out: Path, tmp: Path) -> None:
-        pkg = kernel_package(series)
-        run(["apt-get", "download", pkg], cwd=tmp)
-        debs = list(tmp.glob("*.deb"))
-        if len(debs) != 1:
-            raise BuildError(f"apt-get download {pkg} gave {len(debs)} files")
-        assemble(out, pkg, debs[0], HERE / "init", WANTED_MODULES, ("newroot", "lower", "rw"), tmp)
+        pkg, deb = download(series, tmp)
+        assemble(out, pkg, deb, HERE / "init", WANTED_MODULES, ("newroot", "lower", "rw"), tmp)
 
     return debkernel.ensure(cache / f"{series}-{key}", "testvm", build)
 

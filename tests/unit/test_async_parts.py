@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import trio
 
+from runner.argv import Wiring, qemu_argv
 from runner.procs import Reaper, exit_code
-from runner.qemu import Wiring, qemu_argv
 from runner.qmp import QMP, QMPError
+from runner.run.teardown import Teardown
 from runner.spec import InstanceSpec
-from runner.supervisor import Teardown
 
 
 async def reaping(

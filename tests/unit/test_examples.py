@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from runner import spec
-from runner.qemu import Wiring, dnsmasq_argv, qemu_argv, virtiofsd_argv
+from runner.argv import Wiring, dnsmasq_argv, qemu_argv, virtiofsd_argv
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((REPO / "docs" / "examples").glob("*.json"))

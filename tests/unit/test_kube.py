@@ -124,8 +124,9 @@ def test_cpu_manager_state() -> None:
     state = kube.parse_cpu_manager_state(text)
     assert state.policy == "static"
     assert state.default_cpus == {0, 3}
-    assert state.pod_cpus(UID) == {1, 2}
-    assert state.pod_cpus("other") == frozenset()
+    assert state.container_with(UID, frozenset({1, 2})) == "compute"
+    assert state.container_with(UID, frozenset({1})) is None
+    assert state.container_with("other", frozenset({1, 2})) is None
     none = kube.parse_cpu_manager_state('{"policyName":"none","defaultCpuSet":"","checksum":1}')
     assert none.default_cpus == frozenset() and none.entries == {}
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from runner import kube, plan, spec
-from runner.qemu import Wiring, qemu_argv
+from runner.argv import Wiring, qemu_argv
 
 UID = "0a1b2c3d-1111-2222-3333-444455556666"
 POD = kube.parse_pod_cgroup(f"/kubepods/pod{UID}/{'c' * 64}")
@@ -14,52 +14,61 @@ def mkspec(vcpus: int, **kw: object) -> spec.InstanceSpec:
     return spec.InstanceSpec(name="vm", vcpus=vcpus, memory_mib=64, **kw)  # type: ignore[arg-type]
 
 
-def state(default: str) -> kube.KubeletState:
-    return kube.parse_cpu_manager_state(
-        f'{{"policyName":"static","defaultCpuSet":"{default}","checksum":0}}'
-    )
-
-
-def test_float_follows_kubelet_and_vcpus_take_cpus_in_order() -> None:
-    p = plan.make_plan(mkspec(3), POD, frozenset({6, 2, 4}), state("0-1,3,5,7"), ONLINE)
+def test_vcpus_take_the_pod_cpus_in_order() -> None:
+    p = plan.make_plan(mkspec(3), POD, frozenset({6, 2, 4}), frozenset({0, 1, 3, 5, 7}))
     assert p.instance_cpus == (2, 4, 6)
     assert p.placement == (2, 4, 6)
-    assert p.float_cpus == {0, 1, 3, 5, 7}
-    assert p.instance_name == f"instance-{UID}"
 
 
-def test_without_kubelet_state_float_is_what_no_instance_holds() -> None:
-    p = plan.make_plan(mkspec(2), POD, frozenset({2, 3}), None, ONLINE, frozenset({6}))
-    assert p.float_cpus == {0, 1, 4, 5, 7}
-
-
-def test_policy_none_falls_back_to_online() -> None:
-    none = kube.parse_cpu_manager_state('{"policyName":"none","defaultCpuSet":"","checksum":0}')
-    p = plan.make_plan(mkspec(1), POD, frozenset({5}), none, ONLINE)
-    assert p.float_cpus == ONLINE - {5}
+def test_controller_mode_leaves_the_shared_check_to_the_controller() -> None:
+    p = plan.make_plan(mkspec(2), POD, frozenset({2, 3}), None)
+    assert p.placement == (2, 3)
 
 
 @pytest.mark.parametrize(
-    ("vcpus", "pod_cpus", "kubelet", "message"),
+    ("vcpus", "pod_cpus", "shared", "message"),
     [
-        (3, {1, 2}, None, "asks for 3 vCPUs but the pod has 2 dedicated CPUs"),
-        (1, {1, 2}, None, "must be equal"),
-        (2, {0, 1, 2, 3, 4, 5, 6, 7}, None, "no shared CPUs are left"),
-        (2, {0, 1}, "0-7", "are shared CPUs"),
-        (1, set(), None, "has no CPUs"),
+        (3, {1, 2}, {0}, "asks for 3 vCPUs but the pod has 2 dedicated CPUs"),
+        (1, {1, 2}, {0}, "must be equal"),
+        (2, {0, 1}, set(), "no shared CPUs are left"),
+        (2, {0, 1}, ONLINE, "are shared CPUs"),
+        (1, set(), {0}, "has no CPUs"),
     ],
 )
-def test_refusals(vcpus: int, pod_cpus: set[int], kubelet: str | None, message: str) -> None:
+def test_refusals(vcpus: int, pod_cpus: set[int], shared: set[int], message: str) -> None:
     with pytest.raises(plan.PlanError, match=message):
-        plan.make_plan(
-            mkspec(vcpus), POD, frozenset(pod_cpus), state(kubelet) if kubelet else None, ONLINE
-        )
+        plan.make_plan(mkspec(vcpus), POD, frozenset(pod_cpus), frozenset(shared))
+
+
+def test_shared_overlap_is_checked_before_the_rest() -> None:
+    with pytest.raises(plan.PlanError, match="are shared CPUs"):
+        plan.make_plan(mkspec(2), POD, frozenset({0, 1}), frozenset({1, 2}))
 
 
 def test_spare_cpus_when_allowed() -> None:
-    p = plan.make_plan(mkspec(1), POD, frozenset({3, 4}), None, ONLINE, allow_spare_cpus=True)
+    p = plan.make_plan(mkspec(1), POD, frozenset({3, 4}), frozenset({0}), allow_spare_cpus=True)
     assert p.placement == (3,)
     assert p.instance_cpus == (3, 4)
+
+
+def vcpu(index: int, tid: int) -> dict[str, object]:
+    return {"cpu-index": index, "thread-id": tid, "props": {}, "qom-path": "", "target": "x86_64"}
+
+
+def test_vcpus_matched_by_index_whatever_order_qemu_answers_in() -> None:
+    placed = plan.match_vcpus([vcpu(1, 101), vcpu(0, 100)], (5, 7))
+    assert placed == [plan.Placed(0, 100, 5), plan.Placed(1, 101, 7)]
+
+
+def test_two_vcpus_on_one_thread_are_refused() -> None:
+    # TCG with thread=single: pinning would flip the one thread between two CPUs for ever.
+    with pytest.raises(plan.PlanError, match="several vCPUs on one thread"):
+        plan.match_vcpus([vcpu(0, 100), vcpu(1, 100)], (5, 7))
+
+
+def test_vcpu_count_must_match() -> None:
+    with pytest.raises(plan.PlanError, match="QEMU reports 1 vCPUs"):
+        plan.match_vcpus([vcpu(0, 100)], (5, 7))
 
 
 def test_qemu_argv_firmware_only_tcg() -> None:
@@ -87,8 +96,3 @@ def test_qemu_argv_kernel_kvm_extra() -> None:
         "stdio",
     ]
     assert "-cpu" in argv and argv[argv.index("-cpu") + 1] == "host"
-
-
-def test_float_never_covers_another_instance_even_if_kubelet_lags() -> None:
-    p = plan.make_plan(mkspec(1), POD, frozenset({2}), state("0-1,3-7"), ONLINE, frozenset({3}))
-    assert p.float_cpus == {0, 1, 4, 5, 6, 7}

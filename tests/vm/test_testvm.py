@@ -121,6 +121,30 @@ def test_environment_inside(testvm: VMRunner, tmp_path: Path) -> None:
 
 
 @pytest.mark.vm
+@pytest.mark.slow
+def test_kernel_612_boots_with_cgroup_v2_cpuset_tun_and_the_venv(testvm: VMRunner) -> None:
+    """The 6.12 series (virtio built in, fscache merged into netfs.ko) boots to the same
+    environment as 6.1: cgroup v2 with cpuset over every vCPU, a usable tun, the venv."""
+    script = textwrap.dedent("""
+        set -e
+        uname -r
+        grep -c cgroup2 /proc/mounts
+        cat /sys/fs/cgroup/cgroup.controllers
+        cat /sys/fs/cgroup/cpuset.cpus.effective
+        ip tuntap add dev tap0 mode tap && ip link show tap0 > /dev/null && echo tap
+        .venv/bin/python -c 'import trio, runner; print("venv")'
+    """)
+    r = testvm.run("--kernel", "6.12", "--cpus", "4", "--", "sh", "-c", script)
+    assert r.returncode == 0, r.stderr
+    out = r.stdout.split("\n")
+    assert out[0].startswith("6.12."), out[0]
+    assert out[1] == "1"
+    assert {"cpuset", "cpu", "memory", "pids"} <= set(out[2].split())
+    assert out[3:7] == ["0-3", "tap", "venv", ""]
+    assert testvm.leftovers() == []
+
+
+@pytest.mark.vm
 def test_timeout_is_a_clear_error_and_stops_the_vm(testvm: VMRunner) -> None:
     start = time.monotonic()
     r = testvm.run("--timeout", "2", "--", "sleep", "600")

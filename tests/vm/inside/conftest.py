@@ -12,9 +12,12 @@ import time
 import uuid
 from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import pytest
+
+if TYPE_CHECKING:
+    from .pods import Daemon
 
 REPO = Path(__file__).resolve().parents[3]
 PODSIM = REPO / "scripts" / "podsim"
@@ -110,6 +113,8 @@ class Node:
     ) -> Pod:
         uid = uid or str(uuid.uuid4())
         out = self.tmp / f"pod-{uid}"
+        if out.exists():  # another container of the same pod
+            out = self.tmp / f"pod-{uid}-{len(self.pods)}"
         out.mkdir()
         env = {**self.env(), "OUT": str(out)}
         command = cmd or ["sh", "-c", POD_SCRIPT.format(extra=extra)]
@@ -151,6 +156,17 @@ def node(tmp_path: Path) -> Iterator[Node]:
         c for c in kube_cgroups() for pod in n.pods if any(f in c for f in uid_forms(pod.uid))
     )
     assert not leaked, f"cgroups left behind: {leaked}"
+
+
+@pytest.fixture
+def daemon(node: Node, tmp_path: Path) -> Iterator[Daemon]:
+    from .pods import Daemon
+
+    d = Daemon(node, tmp_path).start()
+    yield d
+    if d.proc is not None and d.proc.poll() is None:
+        assert d.stop() == 0
+    assert not d.socket.exists(), "the controller left its socket behind"
 
 
 # --- the fault matrix: each fault scenario says what it did, what it expected and saw ------

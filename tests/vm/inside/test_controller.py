@@ -10,118 +10,25 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from .conftest import Fault, Node, wait_for
-from .rpc_probe import exchange
-from .test_runner import (
+from .pods import (
     INSTANCES,
+    PROBE,
     RUNNER,
-    RunnerPod,
+    Daemon,
     assert_nothing_left,
     cpu_list,
+    float_cpus,
+    start,
     start_runner,
-    write_spec,
 )
+from .rpc_probe import exchange
 
 FLOAT = INSTANCES / "float"
-PROBE = str(Path(__file__).with_name("rpc_probe.py"))
-
-
-class Daemon:
-    def __init__(self, node: Node, tmp: Path) -> None:
-        self.node = node
-        # Short and fixed-length: AF_UNIX paths are limited to 107 bytes, tmp paths are not.
-        self.socket = Path(f"/run/ctl-{os.getpid()}-{id(self):x}.sock")
-        self.log = tmp / "controller.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> Daemon:
-        self.node.podsim("state")  # kubelet has written its state before the DaemonSet runs
-        self.proc = subprocess.Popen(
-            [
-                RUNNER,
-                "controller",
-                "--socket",
-                str(self.socket),
-                "--kubelet-dir",
-                str(self.node.kubelet),
-                "--idle-timeout",
-                "1",
-                "--resync-interval",
-                "2",
-            ],
-            stderr=open(self.log, "ab"),  # noqa: SIM115 - the daemon owns it
-        )
-        try:
-            wait_for(
-                lambda: self.answers() or self.proc.poll() is not None,
-                timeout=60,
-                what="the controller to answer",
-            )
-        except AssertionError:
-            # Never leave it running: a stray controller would sweep later tests' cgroups.
-            self.proc.kill()
-            self.proc.wait()
-            raise
-        assert self.proc.poll() is None, self.log.read_text()
-        return self
-
-    def answers(self) -> bool:
-        try:
-            return bool(self.call("health")["result"]["status"] == "ok")
-        except OSError:
-            return False
-
-    def stop(self, sig: int = signal.SIGTERM) -> int:
-        assert self.proc is not None
-        self.proc.send_signal(sig)
-        return self.proc.wait(timeout=20)
-
-    def call(self, method: str, params: object | None = None) -> dict:
-        doc = {
-            "jsonrpc": "2.0",
-            "method": method,
-            "id": 1,
-            **({"params": params} if params is not None else {}),
-        }
-        answer = exchange(str(self.socket), (json.dumps(doc) + "\n").encode())
-        assert answer is not None, f"no answer to {method}"
-        return answer
-
-
-@pytest.fixture
-def daemon(node: Node, tmp_path: Path) -> Iterator[Daemon]:
-    d = Daemon(node, tmp_path).start()
-    yield d
-    if d.proc is not None and d.proc.poll() is None:
-        assert d.stop() == 0
-    assert not d.socket.exists(), "the controller left its socket behind"
-
-
-def start(node: Node, tmp: Path, daemon: Daemon, cpus: str, name: str) -> RunnerPod:
-    work = tmp / name
-    work.mkdir()
-    spec = write_spec(work, vcpus=len(cpu_list(cpus)), name=name)
-    return start_runner(
-        node,
-        work,
-        cpus,
-        "--shutdown-timeout",
-        "0",
-        "--controller-socket",
-        str(daemon.socket),
-        "--controller-timeout",
-        "20",
-        spec=spec,
-    )
-
-
-def float_cpus() -> set[int]:
-    return cpu_list((FLOAT / "cpuset.cpus").read_text())
 
 
 @pytest.mark.fault

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from .conftest import REPO, Node
-from .test_runner import INSTANCES, assert_nothing_left, start_runner
+from .pods import INSTANCES, assert_nothing_left, start_runner
 
 
 def test_real_guest_isolated_end_to_end(node: Node, tmp_path: Path) -> None:

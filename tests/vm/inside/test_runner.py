@@ -7,138 +7,28 @@ import json
 import os
 import signal
 import stat
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from .conftest import CG, REPO, Fault, Node, Pod, kube_cgroups, uid_forms, wait_for
-
-RUNNER = str(REPO / ".venv" / "bin" / "instance-runner")
-INSTANCES = CG / "instances"
-FLOAT = INSTANCES / "float"
-
-
-def write_spec(tmp: Path, **fields: object) -> Path:
-    spec = {"name": "vm", "vcpus": 2, "memory_mib": 64, "accel": "tcg", **fields}
-    path = tmp / "spec.json"
-    path.write_text(json.dumps(spec))
-    return path
-
-
-class RunnerPod:
-    def __init__(self, pod: Pod, run_dir: Path) -> None:
-        self.pod = pod
-        self.run_dir = run_dir
-
-    @property
-    def ready_file(self) -> Path:
-        return self.run_dir / "ready"
-
-    def wait_ready(self, timeout: float = 60) -> dict:
-        wait_for(
-            lambda: self.ready_file.exists() or self.pod.proc.poll() is not None,
-            timeout=timeout,
-            what="the runner to be ready",
-        )
-        assert self.pod.proc.poll() is None, self.pod.proc.communicate()[1]
-        return json.loads(self.ready_file.read_text())
-
-    def runner_pid(self) -> int:
-        """Host PID of the pod's PID 1 (podsim's only child)."""
-        children = Path(f"/proc/{self.pod.proc.pid}/task/{self.pod.proc.pid}/children")
-        (pid,) = children.read_text().split()
-        return int(pid)
-
-    def finish(self, timeout: float = 60) -> tuple[int, str]:
-        _out, err = self.pod.proc.communicate(timeout=timeout)
-        return self.pod.proc.returncode, err
-
-
-def start_runner(
-    node: Node,
-    tmp: Path,
-    cpus: str,
-    *args: str,
-    driver: str = "systemd",
-    spec: Path | None = None,
-    prefix: tuple[str, ...] = (),
-    run_dir: Path | None = None,
-    podsim: tuple[str, ...] = ("--grace", "30"),
-) -> RunnerPod:
-    """A runner as PID 1 of a Guaranteed pod on `cpus`; later `args` override earlier ones."""
-    run_dir = run_dir or tmp / "run"
-    spec = spec or write_spec(tmp, vcpus=len(cpus.replace("-", ",").split(",")))
-    cmd = [
-        *prefix,
-        RUNNER,
-        "run",
-        "--spec",
-        str(spec),
-        "--run-dir",
-        str(run_dir),
-        "--kubelet-dir",
-        str(node.kubelet),
-        "--shutdown-timeout",
-        "1",
-        *args,
-    ]
-    pod = node.start("--cpus", cpus, "--driver", driver, *podsim, cmd=cmd)
-    return RunnerPod(pod, run_dir)
-
-
-def tasks(pid: int) -> list[int]:
-    return [int(t) for t in os.listdir(f"/proc/{pid}/task")]
-
-
-def task_cgroup(pid: int, tid: int) -> str:
-    return Path(f"/proc/{pid}/task/{tid}/cgroup").read_text().strip().removeprefix("0::")
-
-
-def pod_processes(ns_link: str) -> list[int]:
-    found = []
-    for p in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            if os.readlink(f"/proc/{p}/ns/pid") == ns_link:
-                found.append(int(p))
-        except OSError:
-            continue
-    return found
-
-
-def cpu_list(text: str) -> set[int]:
-    out: set[int] = set()
-    for part in text.strip().split(","):
-        lo, _, hi = part.partition("-")
-        out.update(range(int(lo), int(hi or lo) + 1))
-    return out
-
-
-def container_of(uid: str) -> Path:
-    """The pod's container cgroup: the one cgroup below its pod cgroup."""
-    pod_dirs = [
-        c
-        for c in kube_cgroups()
-        if c.split("/")[-1]
-        in {
-            f"pod{uid}",
-            *(
-                f"{p}pod{uid.replace('-', '_')}.slice"
-                for p in ("kubepods-", "kubepods-burstable-", "kubepods-besteffort-")
-            ),
-        }
-    ]
-    (pod_dir,) = pod_dirs
-    (container,) = [p for p in (CG / pod_dir).iterdir() if p.is_dir()]
-    return container
-
-
-def assert_nothing_left(uid: str) -> None:
-    assert not (INSTANCES / f"instance-{uid}").exists(), "instance cgroup left behind"
-    if FLOAT.exists():
-        assert (FLOAT / "cgroup.threads").read_text() == "", "threads left in float"
-    assert not [c for c in kube_cgroups() if any(f in c for f in uid_forms(uid))]
-
+from .conftest import CG, Fault, Node, wait_for
+from .pods import (
+    FLOAT,
+    INSTANCES,
+    RUNNER,
+    assert_nothing_left,
+    container_of,
+    cpu_list,
+    error_lines,
+    fake_qemu,
+    pod_processes,
+    start_runner,
+    task_cgroup,
+    tasks,
+    write_spec,
+)
 
 # --- the invariants ------------------------------------------------------------------------
 
@@ -192,7 +82,7 @@ def test_pinning_invariants_and_clean_stop(
 
     # The guest never ran before it was pinned.
     assert ready["status_at_pin"] in ("prelaunch", "paused")
-    assert all(t <= 1 for t in ready["vcpu_ticks_before_cont"].values())
+    assert all(t <= 1 for t in ready["vcpu_ticks_before_cont"].values()), ready
     assert {v["cpu"] for v in ready["vcpus"]} == pod_cpus
 
     # SIGTERM: clean stop within the shutdown timeout (1 s) + 2 s.
@@ -256,21 +146,6 @@ def test_orphans_are_reaped(node: Node, tmp_path: Path) -> None:
 # --- refusals and faults: one line, non-zero, nothing left ----------------------------------
 
 
-def fake_qemu(tmp: Path, body: str) -> Path:
-    path = tmp / "fake-qemu"
-    path.write_text(f"#!/bin/sh\n{body}\n")
-    path.chmod(path.stat().st_mode | stat.S_IEXEC)
-    return path
-
-
-def error_lines(err: str) -> list[dict]:
-    return [
-        json.loads(line)
-        for line in err.splitlines()
-        if line.startswith("{") and '"level": "error"' in line
-    ]
-
-
 FAULTS = {
     "malformed spec": (lambda t: t / "bad.json", "{", "is not valid JSON"),
     "unknown field": (None, {"vcpu": 2}, "unknown field(s) vcpu"),
@@ -308,7 +183,13 @@ def test_start_up_faults(node: Node, tmp_path: Path, case: str, fault: Fault) ->
 @pytest.mark.fault
 def test_not_root(node: Node, tmp_path: Path, fault: Fault) -> None:
     fault.declare("runner not root", "exit 1, one error line")
-    tmp_path.chmod(0o755)
+    # The checkout may sit below a 0700 home directory: inside the VM (writes stay in its
+    # overlay) let the unprivileged user reach the runner and its interpreter.
+    for leaf in (tmp_path, Path(RUNNER), Path(os.path.realpath(sys.executable))):
+        for d in [leaf, *leaf.parents] if leaf.is_dir() else leaf.parents:
+            mode = d.stat().st_mode
+            if not mode & stat.S_IXOTH:
+                d.chmod(mode | stat.S_IXOTH | (stat.S_IROTH if d == tmp_path else 0))
     rp = start_runner(
         node,
         tmp_path,

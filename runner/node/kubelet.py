@@ -1,5 +1,13 @@
-"""inotify on one directory, as a trio async iterator of the names that changed; and the
-watch on kubelet's state file that the runner and the controller share."""
+"""kubelet's CPU manager state as the node sees it: the one reader, with one policy for a file
+that is missing, unreadable or incomplete, and the one watch on it. The runner (embedded mode)
+and the controller both use these; nobody else opens cpu_manager_state.
+
+The policy: a state that cannot be read in full is *unknown*, whatever the reason (kubelet's
+policy-change procedure deletes the file; a half-written or foreign file cannot be trusted).
+Unknown never widens float: it is never taken to mean "every CPU is shared", because another
+pod's exclusive CPUs would then run everything else. Callers keep float as it is (see
+floatkeeper), and a start-up that would have to make float from it refuses.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +15,37 @@ import ctypes
 import os
 import struct
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
+import attrs
 import trio
 
+from runner import kube
+from runner.kube import KubeletState
 from runner.log import log
+
+STATE_FILE = "cpu_manager_state"
+
+
+@attrs.frozen
+class Unknown:
+    """The state could not be read in full; `reason` is one line for the log."""
+
+    reason: str
+
+
+def read_state(kubelet_dir: str | Path) -> KubeletState | Unknown:
+    path = Path(kubelet_dir) / STATE_FILE
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return Unknown(f"{path} is missing")
+    except (OSError, UnicodeDecodeError) as e:
+        return Unknown(f"cannot read {path}: {getattr(e, 'strerror', None) or e}")
+    try:
+        return kube.parse_cpu_manager_state(text)
+    except kube.KubeError as e:
+        return Unknown(f"{path}: {e}")
 
 
 class DirWatch:
@@ -65,7 +100,7 @@ async def watch_kubelet_state(
 ) -> None:
     """Calls `on_change` whenever cpu_manager_state may have changed (kubelet replaces it by
     rename). Never raises: without the watch, the caller's resync every `resync` s remains."""
-    fallback = f"resync every {resync:g} s"
+    fallback = f"resync every {resync:g} s"  # the watch only hurries the caller
     try:
         watch = DirWatch(kubelet_dir)
     except OSError as e:
@@ -73,7 +108,7 @@ async def watch_kubelet_state(
         return
     try:
         async for names in watch.changes():
-            if b"cpu_manager_state" in names or DirWatch.OVERFLOW in names:
+            if STATE_FILE.encode() in names or DirWatch.OVERFLOW in names:
                 on_change()
     except Exception as e:  # losing the watch only slows the caller down to the resync pace
         log.error("kubelet-watch-failed", error=f"{type(e).__name__}: {e}", fallback=fallback)

@@ -87,12 +87,10 @@ class CgroupFS:
             raise CgroupError(f"cannot create {self.dir(cgroup)}: {e.strerror}") from None
         self.enable(cgroup, "cpuset")
 
-    def make_threaded(self, cgroup: str, cpu_set: CpuSet) -> bool:
-        """Create a threaded child with these CPUs; True if it was created now."""
-        created = False
+    def make_threaded(self, cgroup: str, cpu_set: CpuSet) -> None:
+        """Create (or keep) a threaded child with these CPUs."""
         try:
             self.dir(cgroup).mkdir()
-            created = True
         except FileExistsError:
             pass
         except OSError as e:
@@ -100,7 +98,6 @@ class CgroupFS:
         if self.read(cgroup, "cgroup.type").strip() != "threaded":
             self.write(cgroup, "cgroup.type", "threaded")
         self.set_cpus(cgroup, cpu_set)
-        return created
 
     def set_cpus(self, cgroup: str, cpu_set: CpuSet) -> None:
         if not cpu_set:
@@ -124,8 +121,8 @@ class CgroupFS:
     def threads(self, cgroup: str) -> list[int]:
         return [int(t) for t in self.read(cgroup, "cgroup.threads").split()]
 
-    def populated(self, cgroup: str) -> bool:
-        return "populated 1" in self.read(cgroup, "cgroup.events")
+    def procs(self, cgroup: str) -> list[int]:
+        return [int(p) for p in self.read(cgroup, "cgroup.procs").split()]
 
     def children(self, cgroup: str) -> list[str]:
         d = self.dir(cgroup)

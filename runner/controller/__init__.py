@@ -1,0 +1,1 @@
+"""The node controller: a pure registration policy, its handlers, and the server."""

@@ -1,0 +1,81 @@
+"""Who is on the other end of a connection: resolved once, when it is accepted, so that a
+pid reused later cannot pass for the caller.
+
+With SO_PEERPIDFD (Linux 6.5+) the kernel hands us the peer itself: its cgroup is read, and
+the pidfd then proves that the process still lives, so the cgroup read was its own. Older
+kernels give only the pid: its start time is read before and after the cgroup, and a change
+(or a vanished process) leaves the caller unidentified.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+import struct
+from pathlib import Path
+
+import attrs
+
+from runner import kube
+from runner.kube import PodCgroup
+
+SO_PEERPIDFD = 77
+
+
+@attrs.frozen
+class Peer:
+    pid: int | None
+    pod: PodCgroup | None  # None: not in a pod's container cgroup, or not provably so
+    how: str
+
+
+def peer_pid(sock: socket.socket) -> int:
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, _uid, _gid = struct.unpack("3i", creds)
+    return int(pid)
+
+
+def pod_of(pid: int) -> PodCgroup | None:
+    try:
+        text = Path(f"/proc/{pid}/cgroup").read_text()
+        return kube.parse_pod_cgroup(kube.own_cgroup_path(None, text))
+    except (OSError, kube.KubeError):
+        return None
+
+
+def start_time(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[19])
+
+
+def _exited(pidfd: int) -> bool:
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    return bool(poller.poll(0))
+
+
+def identify(sock: socket.socket) -> Peer:
+    try:
+        pid = peer_pid(sock)
+    except OSError:
+        return Peer(None, None, "no peer credentials")
+    if pid <= 0:
+        return Peer(None, None, "peer outside our pid namespace")
+    try:
+        pidfd = sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD)
+    except OSError:
+        pidfd = -1
+    if pidfd >= 0:
+        try:
+            pod = pod_of(pid)
+            return Peer(pid, None if _exited(pidfd) else pod, "pidfd")
+        finally:
+            os.close(pidfd)
+    before = start_time(pid)
+    pod = pod_of(pid)
+    same = before is not None and start_time(pid) == before
+    return Peer(pid, pod if same else None, "pid and start time")

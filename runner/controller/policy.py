@@ -1,0 +1,91 @@
+"""Who may register what: the controller's one registration rule. Pure: everything it
+weighs is passed in, read by the handlers; the verdict is an RPC error or the CPUs granted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from runner import cpus, kube, rpc
+from runner.cpus import CpuSet
+from runner.kube import KubeletState, PodCgroup
+from runner.node.kubelet import Unknown
+
+
+def refuse(code: int, message: str) -> rpc.RPCError:
+    return rpc.RPCError(code, message)
+
+
+def check_caller(caller: PodCgroup | None, uuid: str) -> None:
+    """The uuid must be a pod UID, and the caller's own pod."""
+    if kube.normalise_uid(uuid) != uuid:
+        raise refuse(rpc.INVALID_PARAMS, f"invalid params: uuid {uuid!r} is not a pod UID")
+    if caller is None:
+        raise refuse(
+            rpc.FORBIDDEN,
+            "the caller is not in a pod's container cgroup "
+            "(register before leaving it, deregister after returning)",
+        )
+    if caller.pod_uid != uuid:
+        raise refuse(rpc.FORBIDDEN, f"pod {caller.pod_uid} may not act for pod {uuid}")
+
+
+def may_register(
+    caller: PodCgroup | None,
+    uuid: str,
+    cpuset: str,
+    container_cpus: CpuSet | None,
+    online: CpuSet,
+    state: KubeletState | Unknown,
+) -> CpuSet:
+    """The CPUs this caller may have as its instance cgroup, or the refusal. `container_cpus`
+    is the caller's container cgroup's cpuset (None once that cgroup is gone)."""
+    check_caller(caller, uuid)
+    try:
+        wanted = cpus.parse(cpuset)
+    except cpus.CpuListError as e:
+        raise refuse(rpc.INVALID_PARAMS, f"invalid params: {e}") from None
+    if not wanted:
+        raise refuse(rpc.INVALID_PARAMS, "invalid params: cpuset is empty")
+    if wanted - online:
+        raise refuse(rpc.FORBIDDEN, f"CPUs {cpus.format(wanted - online)} are not on this node")
+    if container_cpus is None:
+        raise refuse(rpc.FORBIDDEN, "the caller's container cgroup is gone")
+    if wanted != container_cpus:
+        raise refuse(
+            rpc.FORBIDDEN,
+            f"cpuset {cpus.format(wanted)} is not the pod's ({cpus.format(container_cpus)})",
+        )
+    if isinstance(state, KubeletState):
+        # The caller's own container entry, not the union over the pod: a sidecar has its
+        # own, and an init container's entry stays until the pod goes.
+        own = state.container_with(uuid, wanted)
+        # Under the static policy only kubelet hands out exclusive CPUs: no entry, no claim.
+        if own is None and (state.policy == "static" or state.entries.get(uuid)):
+            listed = state.entries.get(uuid, {})
+            held = ", ".join(f"{n} {cpus.format(c)}" for n, c in sorted(listed.items()))
+            raise refuse(
+                rpc.FORBIDDEN,
+                f"cpuset {cpus.format(wanted)} is no container's exclusive allocation "
+                f"in pod {uuid} ({held or 'none listed'})",
+            )
+        if state.default_cpus & wanted:
+            raise refuse(
+                rpc.FORBIDDEN,
+                f"CPUs {cpus.format(state.default_cpus & wanted)} are kubelet's shared CPUs",
+            )
+    return wanted
+
+
+def may_take(uuid: str, wanted: CpuSet, live: Mapping[str, CpuSet]) -> bool:
+    """Against the instances live now: True if `uuid` already holds exactly `wanted`
+    (registration is idempotent), False if it may create it; otherwise the conflict."""
+    mine = live.get(uuid)
+    if mine is not None:
+        if mine != wanted:
+            raise refuse(rpc.CONFLICT, f"instance {uuid} is live with cpuset {cpus.format(mine)}")
+        return True
+    clash = sorted(u for u, held in live.items() if held & wanted)
+    if clash:
+        raise refuse(rpc.CONFLICT, "CPUs already held by instance(s) " + ", ".join(clash))
+    return False

@@ -1,0 +1,197 @@
+"""The controller's state and handlers: the node's cgroup root set up, registrations under
+one lock, and float kept by the shared float keeper.
+
+Stateless by design: cgroupfs and cpu_manager_state are the truth, so a restart adopts what
+is there and running instances are never touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import attrs
+import trio
+
+from runner import cpus, rpc
+from runner.controller import policy
+from runner.controller.identity import Peer
+from runner.log import log
+from runner.node.cgroupfs import CgroupError, CgroupFS
+from runner.node.floatkeeper import FloatKeeper, FloatUnknown
+from runner.node.kubelet import Unknown, read_state
+from runner.node.layout import Layout, numa_nodes_of, online_cpus
+
+# A just-registered instance has no threads until its runner pins them. If kubelet lists the
+# pod, its leaving cpu_manager_state says the pod is gone; if kubelet does not (no static
+# policy), only time can tell the pinning window from a dead runner.
+REGISTRATION_GRACE = 60.0
+
+
+@attrs.frozen(kw_only=True)
+class ControllerOptions:
+    socket: str = "/run/instance-runner/controller.sock"
+    cgroup_root: str = "/sys/fs/cgroup/instances"
+    cgroup_mount: str = "/sys/fs/cgroup"
+    kubelet_dir: str = "/var/lib/kubelet"
+    idle_timeout: float = 10.0
+    resync_interval: float = 10.0
+
+
+class ControllerError(Exception):
+    """The controller cannot start; one line for the operator."""
+
+
+class Service:
+    def __init__(self, opts: ControllerOptions) -> None:
+        self.opts = opts
+        self.cg = CgroupFS(opts.cgroup_mount)
+        self.lock = trio.Lock()  # cgroup writes: one at a time
+        self.online: cpus.CpuSet = frozenset()
+        self.layout = Layout(self.cg, "/")
+        self.keeper = FloatKeeper(self.layout, opts.kubelet_dir, self._young)
+        self._registered_at: dict[str, float] = {}
+
+    def _young(self) -> set[str]:
+        now = time.monotonic()
+        return {u for u, t in self._registered_at.items() if now - t < REGISTRATION_GRACE}
+
+    async def setup(self) -> None:
+        try:
+            self.cg.check_v2_cpuset()
+            root = self.cg.relative(self.opts.cgroup_root)
+        except CgroupError as e:
+            raise ControllerError(str(e)) from None
+        except ValueError:
+            raise ControllerError(
+                f"--cgroup-root {self.opts.cgroup_root} is not below the "
+                f"cgroup mount {self.opts.cgroup_mount}"
+            ) from None
+        self.layout = self.keeper.layout = Layout(self.cg, root)
+        self.online = online_cpus()
+        mems = cpus.format(numa_nodes_of(self.online))
+        try:
+            self.cg.make_domain_root(root)
+            if self.cg.read(root, "cpuset.cpus").strip() != cpus.format(self.online):
+                self.cg.set_cpus(root, self.online)
+            self.cg.write(root, "cpuset.mems", mems)
+            float_cpus: cpus.CpuSet | None = await self.keeper.resync("start")
+        except FloatUnknown as e:
+            float_cpus = None  # registrations wait until kubelet's state can be read
+            log.warning("float-not-made", reason=str(e))
+        except CgroupError as e:
+            raise ControllerError(str(e)) from None
+        except OSError as e:
+            raise ControllerError(f"cannot set up {self.opts.cgroup_root}: {e}") from None
+        if float_cpus is not None:
+            # Threads already in float (adopted instances' helpers) get what it has now.
+            self.cg.spread_threads(self.layout.float, float_cpus)
+        log.info(
+            "topology-ready",
+            root=root,
+            cpus=cpus.format(self.online),
+            mems=mems,
+            float=cpus.format(float_cpus) if float_cpus is not None else None,
+            adopted=sorted(self.layout.instances()),
+        )
+
+    # --- handlers ------------------------------------------------------------------------------
+
+    async def register(self, peer: Peer, p: rpc.RegisterParams) -> rpc.RegisterResult:
+        container: cpus.CpuSet | None = None
+        if peer.pod is not None:
+            with contextlib.suppress(CgroupError):
+                container = self.cg.cpus(peer.pod.path, effective=False)
+        state = read_state(self.opts.kubelet_dir)
+        wanted = policy.may_register(peer.pod, p.uuid, p.cpuset, container, self.online, state)
+        path = self.layout.instance(p.uuid)
+        async with self.lock:
+            live = {u: i.cpus for u, i in self.layout.instances().items()}
+            if policy.may_take(p.uuid, wanted, live):
+                return rpc.RegisterResult(path, self.layout.float)
+            have = self.layout.float_cpus()
+            if have is None:
+                raise rpc.RPCError(
+                    rpc.BUSY, "no float cgroup yet: kubelet's cpu_manager_state is unknown"
+                )
+            try:
+                if have & wanted:
+                    # Shrink float first, so instance and float never share a CPU.
+                    if not have - wanted:
+                        raise rpc.RPCError(rpc.FORBIDDEN, "no shared CPU would be left")
+                    self.keeper.apply(have, have - wanted, f"register {p.uuid}")
+                self.cg.make_threaded(path, wanted)
+                self.cg.write(path, "cpuset.mems", cpus.format(numa_nodes_of(wanted)))
+            except CgroupError as e:
+                with contextlib.suppress(OSError):
+                    self.cg.dir(path).rmdir()
+                raise rpc.RPCError(rpc.INTERNAL_ERROR, str(e)) from None
+            if isinstance(state, Unknown) or not state.entries.get(p.uuid):
+                self._registered_at[p.uuid] = time.monotonic()
+        log.info("instance-registered", uuid=p.uuid, cpuset=cpus.format(wanted), cgroup=path)
+        self.keeper.poke()
+        return rpc.RegisterResult(path, self.layout.float)
+
+    async def deregister(self, peer: Peer, p: rpc.DeregisterParams) -> rpc.DeregisterResult:
+        policy.check_caller(peer.pod, p.uuid)
+        path = self.layout.instance(p.uuid)
+        async with self.lock:
+            if not self.cg.exists(path):
+                return rpc.DeregisterResult(False)
+            try:
+                threads = len(self.cg.threads(path))
+            except CgroupError:
+                threads = 0  # removed under us: rmdir below settles it
+            if threads:
+                # Answer now: sleeping here would hold every other caller behind the lock.
+                raise rpc.RPCError(rpc.BUSY, f"instance {p.uuid} still holds {threads} threads")
+            try:
+                await self.cg.remove(path, attempts=5, delay=0.05)
+            except CgroupError as e:
+                raise rpc.RPCError(
+                    rpc.BUSY, f"instance {p.uuid} still holds threads: {e}"
+                ) from None
+            self._registered_at.pop(p.uuid, None)
+        log.info("instance-deregistered", uuid=p.uuid)
+        self.keeper.poke()
+        return rpc.DeregisterResult(True)
+
+    async def list_instances(self, _peer: Peer, _p: object) -> rpc.ListResult:
+        return rpc.ListResult(
+            [
+                rpc.InstanceInfo(i.uuid, i.path, cpus.format(i.cpus), i.threads)
+                for i in sorted(self.layout.instances().values(), key=lambda i: i.uuid)
+            ]
+        )
+
+    async def health(self, _peer: Peer, _p: object) -> rpc.HealthResult:
+        float_cpus = self.layout.float_cpus()
+        return rpc.HealthResult(
+            "ok" if float_cpus is not None else "no-float",
+            cpus.format(float_cpus or frozenset()),
+            len(self.layout.instances()),
+        )
+
+    async def dispatch(self, peer: Peer, line: bytes) -> rpc.Response | None:
+        req = rpc.decode_request(line)
+        if isinstance(req, rpc.Response):
+            return req
+        if isinstance(req, rpc.Notification):
+            log.warning("notification-ignored", method=req.method, pid=peer.pid)
+            return None
+        handlers: dict[str, Callable[[Peer, Any], Awaitable[object]]] = {
+            "registerCgroup": self.register,
+            "deregisterCgroup": self.deregister,
+            "listInstances": self.list_instances,
+            "health": self.health,
+        }
+        try:
+            return rpc.Response(req.id, result=await handlers[req.method](peer, req.params))
+        except rpc.RPCError as e:
+            log.warning("request-refused", method=req.method, pid=peer.pid, error=e.message)
+            return rpc.error(req.id, e.code, e.message)
+        except Exception as e:  # a handler bug answers this request, never kills the daemon
+            log.error("request-failed", method=req.method, error=f"{type(e).__name__}: {e}")
+            return rpc.error(req.id, rpc.INTERNAL_ERROR, "internal error")

@@ -1,0 +1,1 @@
+"""The runner: the VM pod's PID 1."""

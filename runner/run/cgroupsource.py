@@ -1,0 +1,193 @@
+"""Where the float and instance cgroups come from: made by the runner itself (embedded mode)
+or handed out by the node controller. One interface, one class per mode:
+
+- `shared_cpus()`: the node's shared CPUs, for the plan to check against (None when the
+  controller checks them);
+- `obtain(plan)`: the cgroups, ready for threads;
+- `maintain()`: runs beside the guest (embedded mode keeps float for the node);
+- `release()`: gives the instance cgroup back (safe to call when obtain failed half-way).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+import attrs
+import trio
+
+from runner import cpus, kube, rpc
+from runner.cpus import CpuSet
+from runner.log import log
+from runner.node.cgroupfs import CgroupError, CgroupFS
+from runner.node.floatkeeper import FloatKeeper, FloatUnknown, float_target
+from runner.node.kubelet import Unknown, read_state
+from runner.node.layout import Layout, held_cpus, online_cpus
+from runner.plan import Plan
+from runner.run.options import StartupError
+
+# Embedded mode re-reads kubelet's state on every change, and at least this often.
+KUBELET_RESYNC = 10.0
+
+
+@attrs.frozen
+class Cgroups:
+    float: str
+    instance: str
+    float_cpus: CpuSet
+
+
+class CgroupSource(Protocol):
+    def shared_cpus(self) -> CpuSet | None: ...
+
+    async def obtain(self, plan: Plan) -> Cgroups: ...
+
+    async def maintain(self) -> None: ...
+
+    async def release(self) -> None: ...
+
+
+class Embedded:
+    """float and the instance cgroup made by the runner; every runner keeps float for all."""
+
+    def __init__(self, cg: CgroupFS, root: str, kubelet_dir: str, uuid: str) -> None:
+        self.cg = cg
+        self.layout = Layout(cg, root)
+        self.keeper = FloatKeeper(self.layout, kubelet_dir)
+        self.kubelet_dir = kubelet_dir
+        self.uuid = uuid
+        self._made: str | None = None
+
+    def shared_cpus(self) -> CpuSet:
+        state = read_state(self.kubelet_dir)
+        if isinstance(state, Unknown):
+            raise StartupError(
+                f"cannot tell the node's shared CPUs: {state.reason} (kubelet writes it "
+                "under every CPU manager policy; the runner will not guess)"
+            )
+        others = {u: i for u, i in self.layout.instances().items() if u != self.uuid}
+        shared = float_target(state, online_cpus(), held_cpus(others), None)
+        return shared or frozenset()
+
+    async def obtain(self, plan: Plan) -> Cgroups:
+        own = frozenset(plan.instance_cpus)
+        instance = self.layout.instance(self.uuid)
+        try:
+            self.cg.make_domain_root(self.layout.root)
+            float_cpus = await self.keeper.resync("start", held=own)
+            self.cg.spread_threads(self.layout.float, float_cpus)
+            if self.cg.exists(instance) and self.cg.threads(instance):
+                raise StartupError(
+                    f"instance cgroup {instance} is already in use by another runner"
+                )
+            self._made = instance  # ours from here on, even if the next writes fail
+            self.cg.make_threaded(instance, own)
+        except FloatUnknown as e:
+            raise StartupError(f"cannot make the float cgroup: {e}") from None
+        except CgroupError as e:
+            raise StartupError(str(e)) from None
+        return Cgroups(self.layout.float, instance, float_cpus)
+
+    async def maintain(self) -> None:
+        await self.keeper.follow(KUBELET_RESYNC)
+
+    async def release(self) -> None:
+        if self._made is not None:
+            await self.cg.remove(self._made)
+
+
+class FromController:
+    """float and the instance cgroup from the node controller. It knows us by our cgroup, so
+    we must be in the container cgroup at both calls: register before moving to float,
+    deregister after moving back."""
+
+    # Refusals that no retry will change.
+    FINAL = (rpc.INVALID_PARAMS, rpc.FORBIDDEN, rpc.CONFLICT, rpc.METHOD_NOT_FOUND)
+
+    def __init__(
+        self, socket_path: str, timeout: float, uuid: str, cg: CgroupFS, container: str
+    ) -> None:
+        self.socket = socket_path
+        self.timeout = timeout
+        self.uuid = uuid
+        self.cg = cg
+        self.container = container
+        self.asked = False  # a registration may have happened, even if its answer was lost
+
+    def shared_cpus(self) -> None:
+        return None  # the controller checks the CPUs against kubelet's state itself
+
+    async def obtain(self, plan: Plan) -> Cgroups:
+        params = rpc.RegisterParams(self.uuid, cpus.format(plan.instance_cpus))
+        delay, attempt, last = 0.1, 0, ""
+        with trio.move_on_after(self.timeout):
+            while True:
+                attempt += 1
+                try:
+                    res: rpc.RegisterResult = await rpc.call(
+                        self.socket,
+                        "registerCgroup",
+                        params,
+                        rpc.RegisterResult,
+                        timeout=min(10, self.timeout),
+                    )
+                    self.asked = True
+                    log.info("registered", controller=self.socket, attempts=attempt)
+                    try:
+                        float_cpus = self.cg.cpus(res.float_path, effective=False)
+                    except CgroupError as e:
+                        raise StartupError(str(e)) from None
+                    return Cgroups(res.float_path, res.cgroup_path, float_cpus)
+                except rpc.RPCError as e:
+                    self.asked = True
+                    if e.code in self.FINAL:
+                        raise StartupError(
+                            f"the controller refused registration: {e.message}"
+                        ) from None
+                    last = e.message
+                except (OSError, trio.TooSlowError) as e:
+                    # No connection: nothing was asked. Anything later: it may have been.
+                    self.asked = self.asked or not isinstance(e, rpc.ConnectError)
+                    last = str(e) or type(e).__name__
+                log.info("controller-retry", attempt=attempt, error=last, delay=delay)
+                await trio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+        raise StartupError(
+            f"no answer from the controller at {self.socket} within {self.timeout:g} s: {last}"
+        )
+
+    async def maintain(self) -> None:
+        await trio.sleep_forever()  # the controller keeps float
+
+    async def release(self) -> None:
+        if not self.asked:
+            return
+        here = kube.own_cgroup_path(None, Path("/proc/self/cgroup").read_text())
+        if here != self.container:
+            log.warning(
+                "deregister-skipped",
+                reason=f"we are in {here}, not the container cgroup, so the controller "
+                "cannot tell our pod",
+                detail="it removes the instance cgroup once the pod leaves cpu_manager_state",
+            )
+            return
+        await rpc.call(
+            self.socket,
+            "deregisterCgroup",
+            rpc.DeregisterParams(self.uuid),
+            rpc.DeregisterResult,
+            timeout=min(10, self.timeout),
+        )
+
+
+def make_source(
+    cg: CgroupFS,
+    root: str,
+    kubelet_dir: str,
+    pod: kube.PodCgroup,
+    controller_socket: str | None,
+    controller_timeout: float,
+) -> CgroupSource:
+    if controller_socket:
+        return FromController(controller_socket, controller_timeout, pod.pod_uid, cg, pod.path)
+    return Embedded(cg, root, kubelet_dir, pod.pod_uid)

@@ -1,0 +1,36 @@
+"""The runner's options (from the command line or the environment) and its one error."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import attrs
+
+RUN_DIR_BASE = "/run/instance-runner"
+
+
+class StartupError(Exception):
+    """Start-up cannot go on; the message is the one line the operator sees."""
+
+
+@attrs.frozen(kw_only=True)
+class Options:
+    spec_path: str
+    cgroup_mount: str = "/sys/fs/cgroup"
+    cgroup_root: str = "/sys/fs/cgroup/instances"
+    kubelet_dir: str = "/var/lib/kubelet"
+    # None: a directory of its own below RUN_DIR_BASE, named for the pod (or the instance),
+    # so that pods sharing /run/instance-runner with the node never share files.
+    run_dir: str | None = None
+    shutdown_timeout: float = 20.0
+    qmp_timeout: float = 30.0
+    allow_spare_cpus: bool = False
+    isolation: Literal["on", "off"] = "on"  # off: no cgroups, no pinning (laptops, e2e tests)
+    dnsmasq: str = "dnsmasq"
+    virtiofsd: str | None = None  # None: the Rust daemon if installed, else QEMU's C one
+    controller_socket: str | None = None  # None: embedded mode, the runner makes its cgroups
+    controller_timeout: float = 30.0
+    verify_interval: float = 1.0  # how often pinning is re-checked while the guest runs; 0: never
+    pause_before: str | None = None  # fault-injection hook for tests: wait before this step
+    resume_early: bool = False  # benchmark baseline: the guest runs before it is pinned
+    inherited_fds: frozenset[int] = frozenset()  # open when the runner started (spec fds)

@@ -1,0 +1,150 @@
+"""Placing vCPU threads and keeping them placed: each in the instance cgroup on its own CPU,
+and nothing else of the pod on the dedicated CPUs (processes exec'd into the container,
+probes, `kubectl exec`, land in the container cgroup and go to float)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import trio
+
+from runner import cpus
+from runner.log import log
+from runner.node.cgroupfs import CgroupError, CgroupFS, thread_cgroup
+from runner.plan import Placed
+from runner.run.options import StartupError
+
+
+def cpu_ns(pid: int, tid: int) -> int:
+    """Time one thread has spent on a CPU, in nanoseconds (schedstat, not tick-sampled)."""
+    return int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[0])
+
+
+def cpu_ticks(pid: int, tid: int) -> int:
+    """utime + stime of one thread, in clock ticks."""
+    fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def place_vcpu(cg: CgroupFS, instance_cg: str, qemu_pid: int, p: Placed) -> None:
+    """One vCPU thread into the instance cgroup, onto its CPU, and read back."""
+    try:
+        # Cgroup first, then affinity: on 6.1 a cpuset move resets the affinity.
+        cg.move_thread(instance_cg, p.tid)
+        os.sched_setaffinity(p.tid, {p.cpu})
+        in_cgroup = thread_cgroup(qemu_pid, p.tid)
+        allowed = os.sched_getaffinity(p.tid)
+    except (CgroupError, OSError) as e:
+        raise StartupError(
+            f"cannot pin vCPU {p.vcpu} (thread {p.tid}) to CPU {p.cpu}: {e}"
+        ) from None
+    if in_cgroup != instance_cg or allowed != {p.cpu}:
+        raise StartupError(
+            f"vCPU {p.vcpu} (thread {p.tid}) did not stay pinned: "
+            f"cgroup {in_cgroup}, CPUs {cpus.format(allowed)}"
+        )
+
+
+def move_to_float(cg: CgroupFS, float_cg: str, float_cpus: cpus.CpuSet, pid: int) -> None:
+    """A whole process into float, every thread of it allowed on float's CPUs."""
+    cg.move_process(float_cg, pid)
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError):  # threads come and go
+            os.sched_setaffinity(int(task), float_cpus)
+
+
+class Keeper:
+    """Continuous verification while the guest runs."""
+
+    def __init__(
+        self,
+        cg: CgroupFS,
+        container: str,
+        instance_cg: str,
+        float_cg: str,
+        qemu_pid: int,
+        placed: list[Placed],
+        anchor_pid: Callable[[], int],
+    ) -> None:
+        self.cg = cg
+        self.container = container
+        self.instance_cg = instance_cg
+        self.float_cg = float_cg
+        self.qemu_pid = qemu_pid
+        self.placed = placed
+        self.anchor_pid = anchor_pid
+        self.repins = 0
+        self.moved_to_float = 0
+        self._failing: str | None = None
+
+    async def keep(self, interval: float) -> None:
+        if interval <= 0 or not self.placed:
+            return
+        while True:
+            await trio.sleep(interval)
+            try:
+                self.check_vcpus()
+                self.sweep_container()
+            except (CgroupError, OSError) as e:
+                if not Path(f"/proc/{self.qemu_pid}").exists():
+                    return  # QEMU is going away: its own watcher says so
+                if str(e) != self._failing:  # once per kind of failure, not every second
+                    log.error("verify-failed", error=str(e), detail="retrying")
+                self._failing = str(e)
+            else:
+                if self._failing is not None:
+                    log.info("verify-recovered")
+                self._failing = None
+
+    def check_vcpus(self) -> None:
+        """A vCPU moved to another cgroup or CPU behind our back (taskset, a stray cgroup
+        write, the kernel resetting affinity when a cpuset is rewritten) is put back."""
+        for p in self.placed:
+            in_cgroup = thread_cgroup(self.qemu_pid, p.tid)
+            allowed = os.sched_getaffinity(p.tid)
+            if in_cgroup == self.instance_cg and allowed == {p.cpu}:
+                continue
+            log.warning(
+                "vcpu-drifted",
+                vcpu=p.vcpu,
+                tid=p.tid,
+                cpu=p.cpu,
+                cgroup=in_cgroup,
+                cpus=cpus.format(allowed),
+            )
+            try:
+                place_vcpu(self.cg, self.instance_cg, self.qemu_pid, p)
+            except StartupError as e:
+                log.error("vcpu-repin-failed", vcpu=p.vcpu, tid=p.tid, error=str(e))
+            else:
+                self.repins += 1
+                log.warning("vcpu-repinned", vcpu=p.vcpu, tid=p.tid, cpu=p.cpu)
+
+    def sweep_container(self) -> None:
+        """Anything in the container cgroup but the anchor shares the dedicated CPUs with
+        the vCPUs: exec'd processes and probes join it. They go to float."""
+        if not self.cg.exists(self.container):
+            return  # the scope went with the anchor: nothing can join it
+        float_cpus = self.cg.cpus(self.float_cg)
+        anchor = self.anchor_pid()
+        for pid in self.cg.procs(self.container):
+            if pid == anchor:
+                continue
+            try:
+                comm = Path(f"/proc/{pid}/comm").read_text().strip()
+                move_to_float(self.cg, self.float_cg, float_cpus, pid)
+            except (CgroupError, OSError) as e:
+                if Path(f"/proc/{pid}").exists():
+                    log.warning("exec-move-failed", pid=pid, error=str(e))
+                continue  # gone already
+            self.moved_to_float += 1
+            log.warning(
+                "exec-moved-to-float",
+                pid=pid,
+                comm=comm,
+                detail="a process joined the container cgroup (exec, probe) and would "
+                "have shared the vCPUs' CPUs",
+            )

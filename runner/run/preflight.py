@@ -1,0 +1,231 @@
+"""Everything that can be refused is refused here, before anything runs. The result is
+frozen: the steps after it only act on what was decided."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import stat
+from pathlib import Path
+from typing import Literal
+
+import attrs
+
+from runner import cpus, kube, plan, spec
+from runner.log import log
+from runner.node.cgroupfs import CgroupError, CgroupFS
+from runner.run.cgroupsource import CgroupSource, make_source
+from runner.run.options import RUN_DIR_BASE, Options, StartupError
+
+VIRTIOFSD_PATHS = ("/usr/libexec/virtiofsd", "/usr/lib/qemu/virtiofsd", "virtiofsd")
+KVM_GET_API_VERSION = 0xAE00
+
+
+@attrs.frozen
+class Isolation:
+    """What isolation needs: the container cgroup, the pod, the plan, the cgroups' source."""
+
+    cg: CgroupFS
+    container: str  # our container's cgroup path, read before any move
+    pod: kube.PodCgroup
+    plan: plan.Plan
+    source: CgroupSource
+
+
+@attrs.frozen
+class Prepared:
+    spec: spec.InstanceSpec
+    accel: Literal["kvm", "tcg"]
+    run_dir: Path
+    boots_os: bool  # a kernel or a disk: something that can answer the power button
+    dnsmasq: str  # "" when no nic needs it
+    virtiofsd: str  # "" when there are no shares
+    virtiofsd_flavour: Literal["c", "rust"]
+    isolation: Isolation | None  # None: --isolation off
+
+    @property
+    def iso(self) -> Isolation:
+        assert self.isolation is not None, "a step that needs isolation ran without it"
+        return self.isolation
+
+
+def preflight(o: Options) -> Prepared:
+    if os.geteuid() != 0:
+        raise StartupError(
+            "instance-runner must run as root (a privileged container): it "
+            "moves threads between cgroups and sets CPU affinity"
+        )
+    try:
+        the_spec = spec.load(Path(o.spec_path).read_text(), source=o.spec_path)
+    except OSError as e:
+        raise StartupError(f"cannot read spec {o.spec_path}: {e.strerror}") from None
+    except spec.SpecError as e:
+        raise StartupError(str(e)) from None
+    check_guest_resources(the_spec, o.inherited_fds)
+    qemu_path = shutil.which(the_spec.qemu_binary)
+    if qemu_path is None:
+        raise StartupError(f"QEMU binary {the_spec.qemu_binary!r} not found")
+    the_spec = attrs.evolve(the_spec, qemu_binary=qemu_path)
+    accel: Literal["kvm", "tcg"] = (
+        the_spec.accel if the_spec.accel != "auto" else ("kvm" if kvm_usable() else "tcg")
+    )
+    dnsmasq = ""
+    if any(n.mode == "tap" for n in the_spec.nics):
+        dnsmasq = shutil.which(o.dnsmasq) or ""
+        if not dnsmasq:
+            raise StartupError(
+                f"dnsmasq binary {o.dnsmasq!r} not found (needed by the spec's tap nics)"
+            )
+    virtiofsd, flavour = find_virtiofsd(o.virtiofsd) if the_spec.shares else ("", "c")
+    isolation = isolate(o, the_spec) if o.isolation == "on" else None
+    name = isolation.pod.pod_uid if isolation is not None else the_spec.name
+    run_dir = Path(o.run_dir) if o.run_dir else Path(RUN_DIR_BASE) / name
+    if the_spec.shares:
+        longest = str(run_dir / f"virtiofs-{len(the_spec.shares)}.sock")
+        if len(longest.encode()) > 107:
+            raise StartupError(
+                f"--run-dir {run_dir} is too long for the virtiofs sockets "
+                "in it (Unix socket paths are at most 107 bytes)"
+            )
+    pre = Prepared(
+        spec=the_spec,
+        accel=accel,
+        run_dir=run_dir,
+        boots_os=the_spec.kernel_boot is not None or bool(the_spec.disks),
+        dnsmasq=dnsmasq,
+        virtiofsd=virtiofsd,
+        virtiofsd_flavour=flavour,
+        isolation=isolation,
+    )
+    if isolation is None:
+        log.warning(
+            "isolation-off",
+            detail="no cgroups, no pinning: vCPUs share every CPU "
+            "with everything else (for trying the runner, not for production)",
+        )
+        log.info("plan", name=the_spec.name, accel=accel, isolation="off", run_dir=str(run_dir))
+    else:
+        log.info(
+            "plan",
+            name=the_spec.name,
+            pod_uid=isolation.pod.pod_uid,
+            container=isolation.container,
+            driver=isolation.pod.driver,
+            instance_cpus=cpus.format(isolation.plan.instance_cpus),
+            accel=accel,
+            mode="controller" if o.controller_socket else "embedded",
+            run_dir=str(run_dir),
+        )
+    return pre
+
+
+def isolate(o: Options, the_spec: spec.InstanceSpec) -> Isolation:
+    cg = CgroupFS(o.cgroup_mount)
+    try:
+        cg.check_v2_cpuset()
+        root = cg.relative(o.cgroup_root)
+    except CgroupError as e:
+        raise StartupError(str(e)) from None
+    except ValueError:
+        raise StartupError(
+            f"--cgroup-root {o.cgroup_root} is not below the cgroup mount {o.cgroup_mount}"
+        ) from None
+    try:
+        # /proc/self follows the thread-group leader: read it now, before any move.
+        own = kube.own_cgroup_path(
+            _read_optional("/proc/self/cpuset"), _read_optional("/proc/self/cgroup")
+        )
+        pod = kube.parse_pod_cgroup(own)
+        container_cpus = cg.cpus(own)
+        source = make_source(
+            cg, root, o.kubelet_dir, pod, o.controller_socket, o.controller_timeout
+        )
+        the_plan = plan.make_plan(
+            the_spec,
+            pod,
+            container_cpus,
+            source.shared_cpus(),
+            allow_spare_cpus=o.allow_spare_cpus,
+        )
+    except (kube.KubeError, plan.PlanError, CgroupError) as e:
+        raise StartupError(str(e)) from None
+    return Isolation(cg, own, pod, the_plan, source)
+
+
+def check_guest_resources(the_spec: spec.InstanceSpec, inherited: frozenset[int]) -> None:
+    """Files and fds the spec names must be there before anything starts. An fd must be one
+    the runner inherited (numbers above 2 may be trio's own by now)."""
+    for i, disk in enumerate(the_spec.disks):
+        if disk.path is not None and not Path(disk.path).exists():
+            raise StartupError(f"disk {i}: {disk.path} does not exist")
+        if disk.fd is not None:
+            if disk.fd not in inherited or not _fd_open(disk.fd):
+                raise StartupError(f"disk {i}: fd {disk.fd} was not handed to the runner")
+            # QEMU takes an fdset fd only with the access mode the drive asks for.
+            mode = fcntl.fcntl(disk.fd, fcntl.F_GETFL) & os.O_ACCMODE
+            if mode != (os.O_RDONLY if disk.read_only else os.O_RDWR):
+                raise StartupError(
+                    f"disk {i}: fd {disk.fd} must be open "
+                    f"{'read-only' if disk.read_only else 'read-write'}"
+                )
+    for i, nic in enumerate(the_spec.nics):
+        if nic.fd is not None and (
+            nic.fd not in inherited
+            or not _fd_open(nic.fd)
+            or not stat.S_ISCHR(os.fstat(nic.fd).st_mode)
+        ):
+            raise StartupError(f"nic {i}: fd {nic.fd} is not a tap handed to the runner")
+        if nic.mode == "tap" and Path(f"/sys/class/net/{the_spec.tap_name(i)}").exists():
+            raise StartupError(f"nic {i}: network device {the_spec.tap_name(i)} already exists")
+    for share in the_spec.shares:
+        if not Path(share.source).is_dir():
+            raise StartupError(f"share {share.tag}: {share.source} is not a directory")
+    boot = the_spec.kernel_boot
+    for path in (boot.kernel, boot.initrd) if boot else ():
+        if path is not None and not Path(path).is_file():
+            raise StartupError(f"boot: {path} does not exist")
+
+
+def find_virtiofsd(wanted: str | None) -> tuple[str, Literal["c", "rust"]]:
+    candidates = [wanted] if wanted else list(VIRTIOFSD_PATHS)
+    for candidate in candidates:
+        path = shutil.which(candidate)
+        if path:
+            # The Rust daemon has --shared-dir; the C one (QEMU's) takes -o source=.
+            try:
+                text = Path(path).read_bytes()
+            except OSError:
+                text = b""
+            return path, "rust" if b"shared-dir" in text else "c"
+    raise StartupError(
+        f"virtiofsd not found (looked for {', '.join(candidates)}); the spec's shares need it"
+    )
+
+
+def kvm_usable() -> bool:
+    try:
+        fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        return fcntl.ioctl(fd, KVM_GET_API_VERSION) == 12
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def _read_optional(path: str) -> str | None:
+    try:
+        return Path(path).read_text()
+    except FileNotFoundError:
+        return None
+
+
+def _fd_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+        return True
+    except OSError:
+        return False

@@ -1,0 +1,59 @@
+"""The readiness file: what a probe, a test or an operator reads to see the instance placed."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from runner import cpus
+from runner.plan import Placed
+from runner.run.cgroupsource import Cgroups
+from runner.run.preflight import Prepared
+
+
+def ready_doc(
+    pre: Prepared,
+    qemu_pid: int,
+    cgroups: Cgroups | None,
+    placed: list[Placed],
+    status: str,
+    ticks: dict[int, int],
+    unpinned_ns: dict[int, int],
+    timings: dict[str, float],
+) -> dict[str, Any]:
+    iso = pre.isolation
+    return {
+        "name": pre.spec.name,
+        "isolation": "on" if iso else "off",
+        "pod_uid": iso.pod.pod_uid if iso else None,
+        "qemu_pid": qemu_pid,
+        "instance_cgroup": cgroups.instance if cgroups else None,
+        "float_cgroup": cgroups.float if cgroups else None,
+        "float_cpus": cpus.format(cgroups.float_cpus) if cgroups else None,
+        "vcpus": [{"vcpu": p.vcpu, "tid": p.tid, "cpu": p.cpu} for p in placed],
+        "status_at_pin": status,
+        "vcpu_ticks_before_cont": ticks,
+        "vcpu_cpu_ns_before_pin": unpinned_ns,
+        "nics": [
+            {
+                "mac": pre.spec.mac(i),
+                "ip": n.ip,
+                "tap": pre.spec.tap_name(i) if n.mode == "tap" else None,
+            }
+            for i, n in enumerate(pre.spec.nics)
+        ],
+        "timings_ms": timings,
+    }
+
+
+def write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_ready(path: Path, doc: dict[str, Any]) -> None:
+    write_atomic(path, json.dumps(doc, indent=1))

@@ -1,0 +1,371 @@
+"""Start-up as data: the ordered steps, each a (name, do, undo). The supervisor pushes a
+step's undo before it runs the step, so an undo must cope with a step that stopped half-way;
+teardown runs the undos in reverse. The same list names the `--pause-before` checkpoints and
+the README's account of start-up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import functools
+import os
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import attrs
+import trio
+
+from runner import cpus, kube, plan, plumbing
+from runner.argv import Wiring, dnsmasq_argv, virtiofsd_argv
+from runner.log import log
+from runner.node.cgroupfs import CgroupError
+from runner.plan import Placed
+from runner.procs import Child, Reaper
+from runner.run import services
+from runner.run.cgroupsource import Cgroups
+from runner.run.guest import QUIT_GRACE, Guest
+from runner.run.options import Options, StartupError
+from runner.run.pinning import Keeper, cpu_ns, cpu_ticks, place_vcpu
+from runner.run.preflight import Prepared
+from runner.run.readiness import ready_doc, write_ready
+
+
+@attrs.define
+class Startup:
+    """What the steps share: what preflight decided, and what each step made."""
+
+    opts: Options
+    pre: Prepared
+    reaper: Reaper
+    nursery: trio.Nursery
+    guest: Guest
+    run_dir_made: bool = False
+    lock_fd: int = -1
+    anchor: list[Child] = attrs.Factory(list)  # the current anchor, kept by its service
+    cgroups: Cgroups | None = None
+    services: list[services.Service] = attrs.Factory(list)  # in start order
+    critical: list[Child] = attrs.Factory(list)  # the guest dies with these (virtiofsd)
+    tap_fds: list[int] = attrs.Factory(list)  # ours; QEMU gets copies
+    wiring: Wiring | None = None
+    qmp_ours: socket.socket | None = None
+    placed: list[Placed] = attrs.Factory(list)
+    unpinned_ns: dict[int, int] = attrs.Factory(dict)  # vCPU thread -> CPU time before pin
+    keeper: Keeper | None = None
+    qmp_ready: float = 0.0
+    pinned: float = 0.0
+
+
+Action = Callable[[Startup], Awaitable[None]]
+
+
+@attrs.frozen
+class Step:
+    name: str
+    do: Action
+    undo: Action
+    isolated_only: bool = False  # skipped with --isolation off
+    undo_timeout: Callable[[Options], float] = lambda _o: 10.0
+
+
+async def nothing(_s: Startup) -> None:
+    pass
+
+
+# --- run-dir: a directory of our own, locked ---------------------------------------------------
+
+
+async def claim_run_dir(s: Startup) -> None:
+    run_dir = s.pre.run_dir
+    s.run_dir_made = not run_dir.exists()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        s.lock_fd = os.open(run_dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fcntl.flock(s.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise StartupError(f"run dir {run_dir} is in use by another runner") from None
+    except OSError as e:
+        raise StartupError(f"cannot use run dir {run_dir}: {e.strerror}") from None
+
+
+async def release_run_dir(s: Startup) -> None:
+    if s.lock_fd < 0:
+        return
+    (s.pre.run_dir / "lock").unlink(missing_ok=True)
+    os.close(s.lock_fd)
+    s.lock_fd = -1
+    if s.run_dir_made:
+        with contextlib.suppress(OSError):  # not empty: someone else's files, keep them
+            s.pre.run_dir.rmdir()
+
+
+# --- anchor: something must stay in the container cgroup ----------------------------------------
+
+
+def container_procs(s: Startup) -> str:
+    return str(s.pre.iso.cg.dir(s.pre.iso.container) / "cgroup.procs")
+
+
+async def start_anchor(s: Startup) -> None:
+    procs = container_procs(s)
+    service, current = await services.launch(
+        s.nursery, "anchor", lambda status: services.anchor(s.reaper, procs, status)
+    )
+    s.anchor = current
+    s.services.append(service)
+
+
+async def stop_anchor(s: Startup) -> None:
+    await _stop_services(s, "anchor")
+
+
+# --- cgroups: float and the instance cgroup -----------------------------------------------------
+
+
+async def obtain_cgroups(s: Startup) -> None:
+    s.cgroups = await s.pre.iso.source.obtain(s.pre.iso.plan)
+    log.info("cgroups-ready", float=s.cgroups.float, instance=s.cgroups.instance)
+
+
+async def release_cgroups(s: Startup) -> None:
+    await s.pre.iso.source.release()
+
+
+# --- float: the runner, and everything it starts from now on, on the shared CPUs ---------------
+
+
+async def move_to_float(s: Startup) -> None:
+    assert s.cgroups is not None
+    cg, float_cg = s.pre.iso.cg, s.cgroups.float
+    try:
+        cg.move_process(float_cg, os.getpid())
+    except CgroupError as e:
+        raise StartupError(str(e)) from None
+    now_in = kube.own_cgroup_path(None, Path("/proc/self/cgroup").read_text())
+    if now_in != float_cg:
+        raise StartupError(f"moved to {float_cg} but the kernel has us in {now_in}")
+    for task in os.listdir("/proc/self/task"):
+        os.sched_setaffinity(int(task), s.cgroups.float_cpus)
+    log.info("moved-to-float", cgroup=float_cg, cpus=cpus.format(s.cgroups.float_cpus))
+
+
+async def move_back(s: Startup) -> None:
+    iso = s.pre.iso
+    try:
+        iso.cg.move_process(iso.container, os.getpid())
+    except CgroupError:
+        if iso.cg.dir(iso.container).is_dir():
+            raise
+        # Its scope went with its last process: the pod is going away anyway.
+        log.warning("container-cgroup-gone", cgroup=iso.container, detail="staying in float")
+
+
+# --- plumbing: taps with dnsmasq, virtiofsd per share, the console -----------------------------
+
+
+async def plumb(s: Startup) -> None:
+    the_spec = s.pre.spec
+    nic_fds: list[int] = []
+    for i, nic in enumerate(the_spec.nics):
+        if nic.mode == "tap-fd":
+            assert nic.fd is not None
+            nic_fds.append(nic.fd)
+            continue
+        name = the_spec.tap_name(i)
+        try:
+            fd = plumbing.create_tap(name)
+            s.tap_fds.append(fd)
+            nic_fds.append(fd)
+            for argv in (
+                ["ip", "address", "add", f"{nic.gateway_address}/{nic.prefix}", "dev", name],
+                ["ip", "link", "set", "dev", name, "mtu", str(nic.mtu), "up"],
+            ):
+                await plumbing.run_command(s.reaper, s.nursery, argv)
+            argv = dnsmasq_argv(the_spec, i, s.pre.dnsmasq)
+            label = f"dnsmasq-{name}"
+            await _launch(s, label, functools.partial(services.dnsmasq, s.reaper, label, argv))
+        except plumbing.PlumbingError as e:
+            raise StartupError(str(e)) from None
+        log.info(
+            "tap-ready", tap=name, gateway=str(nic.gateway_address), ip=nic.ip, mac=the_spec.mac(i)
+        )
+    sockets: list[str] = []
+    for i, share in enumerate(the_spec.shares):
+        path = str(s.pre.run_dir / f"virtiofs-{i}.sock")
+        argv = virtiofsd_argv(share, path, s.pre.virtiofsd, s.pre.virtiofsd_flavour)
+        name = f"virtiofsd-{share.tag}"
+        try:
+            child = await _launch(
+                s, name, functools.partial(services.virtiofsd, s.reaper, name, argv, path)
+            )
+        except plumbing.PlumbingError as e:
+            raise StartupError(str(e)) from None
+        assert isinstance(child, Child)
+        s.critical.append(child)
+        sockets.append(path)
+        log.info("share-ready", tag=share.tag, source=share.source, read_only=share.read_only)
+    console_fd = None
+    if the_spec.console.stdout or the_spec.console.log_file:
+        ours, theirs = socket.socketpair()
+        console_fd = theirs.detach()
+        s.tap_fds.append(console_fd)  # closed with ours once QEMU has it
+        fd = ours.detach()
+        await _launch(s, "console", functools.partial(services.console, fd, the_spec))
+    qmp_ours, qmp_theirs = socket.socketpair()
+    s.qmp_ours = qmp_ours
+    qmp_fd = qmp_theirs.detach()
+    s.tap_fds.append(qmp_fd)
+    s.wiring = Wiring(
+        qmp_fd=qmp_fd, console_fd=console_fd, nic_fds=tuple(nic_fds), share_sockets=tuple(sockets)
+    )
+
+
+async def unplumb(s: Startup) -> None:
+    await _stop_services(s, "dnsmasq-", "virtiofsd-", "console")
+    close_fds(s)
+
+
+def close_fds(s: Startup) -> None:
+    while s.tap_fds:
+        with contextlib.suppress(OSError):
+            os.close(s.tap_fds.pop())
+
+
+# --- qemu: started paused ------------------------------------------------------------------------
+
+
+async def start_qemu(s: Startup) -> None:
+    w = s.wiring
+    assert w is not None
+    inherit = [w.qmp_fd, *w.nic_fds, *(d.fd for d in s.pre.spec.disks if d.fd is not None)]
+    if w.console_fd is not None:
+        inherit.append(w.console_fd)
+    # Isolated, QEMU starts in the container cgroup so that its (preallocated) RAM is charged
+    # to the pod; it moves to float once QMP answers.
+    join = container_procs(s) if s.pre.isolation else None
+    try:
+        await s.guest.spawn(s.reaper, s.nursery, w, inherit, join, s.opts.resume_early)
+    finally:
+        close_fds(s)  # QEMU has its copies (or never will)
+
+
+async def stop_qemu(s: Startup) -> None:
+    try:
+        await s.guest.stop()
+    finally:
+        await s.guest.qmp.close()
+
+
+def qemu_stop_timeout(o: Options) -> float:
+    return o.shutdown_timeout + QUIT_GRACE + 5
+
+
+# --- qmp: QEMU answers --------------------------------------------------------------------------
+
+
+async def connect_qmp(s: Startup) -> None:
+    assert s.qmp_ours is not None
+    await s.guest.connect(s.qmp_ours, s.opts.qmp_timeout, s.nursery)
+    s.qmp_ready = time.monotonic()
+
+
+# --- pin: QEMU to float, each vCPU thread to the instance cgroup and its CPU -------------------
+
+
+async def pin(s: Startup) -> None:
+    iso, guest = s.pre.iso, s.guest
+    assert s.cgroups is not None
+    qemu = guest.process
+    try:
+        iso.cg.move_process(s.cgroups.float, qemu.pid)  # its RAM is allocated by now
+    except CgroupError as e:
+        raise StartupError(await guest.failure(str(e))) from None
+    found = await guest.execute("query-cpus-fast")
+    try:
+        placed = plan.match_vcpus(found, iso.plan.placement)  # type: ignore[arg-type]
+    except plan.PlanError as e:
+        raise StartupError(str(e)) from None
+    for p in placed:
+        with contextlib.suppress(OSError):
+            s.unpinned_ns[p.tid] = cpu_ns(qemu.pid, p.tid)
+        place_vcpu(iso.cg, s.cgroups.instance, qemu.pid, p)
+    s.placed = placed
+    s.keeper = Keeper(
+        iso.cg,
+        iso.container,
+        s.cgroups.instance,
+        s.cgroups.float,
+        qemu.pid,
+        placed,
+        lambda: s.anchor[0].pid if s.anchor else -1,
+    )
+
+
+# --- cont: the guest runs, the readiness file says so -------------------------------------------
+
+
+async def resume(s: Startup) -> None:
+    guest, qemu = s.guest, s.guest.process
+    s.pinned = time.monotonic()
+    status = str((await guest.execute("query-status"))["status"])  # type: ignore[index]
+    try:
+        ticks = {p.tid: cpu_ticks(qemu.pid, p.tid) for p in s.placed}
+    except OSError as e:
+        raise StartupError(await guest.failure(str(e))) from None
+    if status not in ("prelaunch", "paused") and not s.opts.resume_early:
+        raise StartupError(f"the guest was {status!r} before its vCPUs were pinned")
+    await guest.execute("cont")
+    guest.resumed = True
+    started = guest.started_at
+    timings = {
+        "qemu_start_to_qmp": round((s.qmp_ready - started) * 1000, 1),
+        "qmp_to_pinned": round((s.pinned - s.qmp_ready) * 1000, 1),
+        "qemu_start_to_pinned": round((s.pinned - started) * 1000, 1),
+        "exec_to_qemu_start": round(guest.exec_to_start * 1000, 1),
+    }
+    doc = ready_doc(s.pre, qemu.pid, s.cgroups, s.placed, status, ticks, s.unpinned_ns, timings)
+    write_ready(s.pre.run_dir / "ready", doc)
+    log.info(
+        "instance-pinned" if s.pre.isolation else "instance-running",
+        vcpus=len(s.placed),
+        ms=timings["qemu_start_to_pinned"],
+        placement={p.vcpu: p.cpu for p in s.placed},
+    )
+
+
+async def remove_ready(s: Startup) -> None:
+    (s.pre.run_dir / "ready").unlink(missing_ok=True)
+
+
+STEPS: tuple[Step, ...] = (
+    Step("run-dir", claim_run_dir, release_run_dir),
+    Step("anchor", start_anchor, stop_anchor, isolated_only=True),
+    Step("cgroups", obtain_cgroups, release_cgroups, isolated_only=True),
+    Step("float", move_to_float, move_back, isolated_only=True),
+    Step("plumbing", plumb, unplumb),
+    Step("qemu", start_qemu, stop_qemu, undo_timeout=qemu_stop_timeout),
+    Step("qmp", connect_qmp, nothing),
+    Step("pin", pin, nothing, isolated_only=True),
+    Step("cont", resume, remove_ready),
+)
+STEP_NAMES = tuple(step.name for step in STEPS)
+
+
+# --- helpers -------------------------------------------------------------------------------------
+
+
+async def _launch(
+    s: Startup, name: str, body: Callable[[trio.TaskStatus[object]], Awaitable[None]]
+) -> object:
+    service, value = await services.launch(s.nursery, name, body)
+    s.services.append(service)
+    return value
+
+
+async def _stop_services(s: Startup, *prefixes: str) -> None:
+    for service in reversed(list(s.services)):
+        if service.name.startswith(prefixes):
+            await service.stop()
+            s.services.remove(service)

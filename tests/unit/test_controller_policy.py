@@ -1,0 +1,93 @@
+"""The controller's registration rule, as a pure function."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from runner import cpus, kube, rpc
+from runner.controller import policy
+from runner.node.kubelet import Unknown
+
+UID = "0a1b2c3d-1111-2222-3333-444455556666"
+OTHER = "0a1b2c3d-1111-2222-3333-777777777777"
+CALLER = kube.parse_pod_cgroup(f"/kubepods/pod{UID}/{'c' * 64}")
+ONLINE = frozenset(range(8))
+
+
+def state(entries: dict[str, dict[str, str]], default: str = "0,5-7") -> kube.KubeletState:
+    doc = {"policyName": "static", "defaultCpuSet": default, "entries": entries}
+    return kube.parse_cpu_manager_state(json.dumps(doc))
+
+
+def verdict(
+    cpuset: str = "1-2",
+    kubelet: kube.KubeletState | Unknown | None = None,
+    container: str | None = "1-2",
+    caller: kube.PodCgroup | None = CALLER,
+    uuid: str = UID,
+) -> cpus.CpuSet:
+    return policy.may_register(
+        caller,
+        uuid,
+        cpuset,
+        cpus.parse(container) if container is not None else None,
+        ONLINE,
+        kubelet if kubelet is not None else state({UID: {"compute": "1-2"}}),
+    )
+
+
+def test_own_container_entry_is_granted() -> None:
+    assert verdict() == {1, 2}
+
+
+def test_a_sidecar_with_its_own_cpus_does_not_matter() -> None:
+    # Measured before: "cpuset 1-2 is not the pod's exclusive allocation (1-3)".
+    both = state({UID: {"compute": "1-2", "sidecar": "3"}}, default="0,4-7")
+    assert verdict(kubelet=both) == {1, 2}
+
+
+def test_an_init_containers_leftover_entry_does_not_matter() -> None:
+    leftover = state({UID: {"init": "1-4", "compute": "1-2"}}, default="0,5-7")
+    assert verdict(kubelet=leftover) == {1, 2}
+
+
+def test_unknown_state_checks_what_it_can() -> None:
+    assert verdict(kubelet=Unknown("missing")) == {1, 2}
+
+
+@pytest.mark.parametrize(
+    ("kw", "code", "message"),
+    [
+        ({"uuid": "../etc"}, rpc.INVALID_PARAMS, "is not a pod UID"),
+        ({"caller": None}, rpc.FORBIDDEN, "not in a pod's container cgroup"),
+        ({"uuid": OTHER}, rpc.FORBIDDEN, "may not act for pod"),
+        ({"cpuset": "x"}, rpc.INVALID_PARAMS, "invalid params"),
+        ({"cpuset": ""}, rpc.INVALID_PARAMS, "cpuset is empty"),
+        ({"cpuset": "1-9", "container": "1-9"}, rpc.FORBIDDEN, "not on this node"),
+        ({"container": None}, rpc.FORBIDDEN, "container cgroup is gone"),
+        ({"cpuset": "1"}, rpc.FORBIDDEN, "is not the pod's"),
+        (
+            {"kubelet": state({UID: {"compute": "1-3"}})},
+            rpc.FORBIDDEN,
+            "no container's exclusive allocation",
+        ),
+        ({"kubelet": state({})}, rpc.FORBIDDEN, "none listed"),
+        ({"kubelet": state({UID: {"compute": "1-2"}}, "0-2")}, rpc.FORBIDDEN, "shared CPUs"),
+    ],
+)
+def test_refusals(kw: dict[str, object], code: int, message: str) -> None:
+    with pytest.raises(rpc.RPCError, match=message) as e:
+        verdict(**kw)  # type: ignore[arg-type]
+    assert e.value.code == code
+
+
+def test_taking_against_live_instances() -> None:
+    assert policy.may_take(UID, frozenset({1}), {}) is False
+    assert policy.may_take(UID, frozenset({1}), {UID: frozenset({1})}) is True
+    with pytest.raises(rpc.RPCError, match="is live with cpuset 2") as e:
+        policy.may_take(UID, frozenset({1}), {UID: frozenset({2})})
+    assert e.value.code == rpc.CONFLICT
+    with pytest.raises(rpc.RPCError, match=f"already held by instance.*{OTHER}"):
+        policy.may_take(UID, frozenset({1, 2}), {OTHER: frozenset({2, 3})})
