@@ -131,7 +131,7 @@ class Keeper:
         float_cpus = self.cg.cpus(self.float_cg)
         anchor = self.anchor_pid()
         for pid in self.cg.procs(self.container):
-            if pid == anchor:
+            if pid == anchor or pid <= 0:  # 0: outside our pid namespace, not the pod's
                 continue
             try:
                 comm = Path(f"/proc/{pid}/comm").read_text().strip()

@@ -11,12 +11,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import trio
 
 from runner import cpus, kube
 from runner.node.cgroupfs import CgroupFS
 from runner.node.floatkeeper import FloatKeeper, FloatUnknown, float_target
 from runner.node.kubelet import Unknown, read_state
 from runner.node.layout import Instance, Layout, stale
+from runner.plan import Placed
+from runner.run.pinning import Keeper
 
 UID_A = "0a1b2c3d-1111-2222-3333-444455556666"
 UID_B = "0a1b2c3d-1111-2222-3333-777777777777"
@@ -200,3 +203,27 @@ async def test_float_that_grows_reaches_its_threads(tree: tuple[TreeFS, Layout, 
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+# --- verification never stops silently -----------------------------------------------------
+
+
+async def test_verification_goes_on_after_a_read_error(
+    tree: tuple[TreeFS, Layout, Path],
+) -> None:
+    """A check that cannot read a thread's cgroup is retried while QEMU lives (here: a pid
+    that exists, with a thread that does not)."""
+    cg, layout, _kubelet = tree
+    cg.make_threaded(layout.float, frozenset({0}))
+    keeper = Keeper(
+        cg,
+        "/container",
+        layout.instance(UID_A),
+        layout.float,
+        os.getpid(),
+        [Placed(0, 2**22 + 7, 0)],
+        lambda: -1,
+    )
+    with trio.move_on_after(0.3) as scope:
+        await keeper.keep(0.01)
+    assert scope.cancelled_caught, "verification stopped at the first read error"
