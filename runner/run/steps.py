@@ -82,12 +82,18 @@ async def claim_run_dir(s: Startup) -> None:
     s.run_dir_made = not run_dir.exists()
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        s.lock_fd = os.open(run_dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        fcntl.flock(s.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        raise StartupError(f"run dir {run_dir} is in use by another runner") from None
+        fd = os.open(run_dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     except OSError as e:
         raise StartupError(f"cannot use run dir {run_dir}: {e.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)  # the lock file is the other runner's: leave it
+        raise StartupError(f"run dir {run_dir} is in use by another runner") from None
+    except OSError as e:
+        os.close(fd)
+        raise StartupError(f"cannot lock run dir {run_dir}: {e.strerror}") from None
+    s.lock_fd = fd
 
 
 async def release_run_dir(s: Startup) -> None:
