@@ -167,10 +167,10 @@ def error_lines(err: str) -> list[dict]:
 
 def pod_process(rp: RunnerPod, comm: str) -> int:
     ns = os.readlink(f"/proc/{rp.runner_pid()}/ns/pid")
-    return next(p for p in pod_processes(ns) if _comm(p).startswith(comm))
+    return next(p for p in pod_processes(ns) if comm(p).startswith(comm))
 
 
-def _comm(pid: int) -> str:
+def comm(pid: int) -> str:
     """A process's name, or "" once it is gone (processes come and go while we look)."""
     try:
         return Path(f"/proc/{pid}/comm").read_text().strip()

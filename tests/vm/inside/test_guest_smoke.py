@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from .conftest import REPO, Node
-from .pods import INSTANCES, assert_nothing_left, start_runner
+from .pods import INSTANCES, assert_nothing_left, comm, start_runner
 
 
 def test_real_guest_isolated_end_to_end(node: Node, tmp_path: Path) -> None:
@@ -83,7 +83,7 @@ def test_real_guest_isolated_end_to_end(node: Node, tmp_path: Path) -> None:
     qemu = next(
         int(p)
         for p in os.listdir("/proc")
-        if p.isdigit() and Path(f"/proc/{p}/comm").read_text().startswith("qemu-system")
+        if p.isdigit() and comm(int(p)).startswith("qemu-system")
     )
     others = [int(t) for t in os.listdir(f"/proc/{qemu}/task") if int(t) not in tids]
     assert others and all(not os.sched_getaffinity(t) & {1, 2} for t in others)

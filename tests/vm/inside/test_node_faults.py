@@ -24,6 +24,7 @@ from .pods import (
     INSTANCES,
     Daemon,
     RunnerPod,
+    comm,
     container_of,
     cpu_list,
     error_lines,
@@ -51,14 +52,7 @@ def one_vcpu(tmp: Path, name: str) -> Path:
 
 def qemus_of(rp: RunnerPod) -> list[int]:
     ns = os.readlink(f"/proc/{rp.runner_pid()}/ns/pid")
-    return [p for p in pod_processes(ns) if _comm(p).startswith("qemu-system")]
-
-
-def _comm(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/comm").read_text().strip()
-    except OSError:
-        return ""  # gone while we looked
+    return [p for p in pod_processes(ns) if comm(p).startswith("qemu-system")]
 
 
 def float_threads_allowed() -> list[set[int]]:
@@ -383,10 +377,10 @@ def test_sigkilled_runner_that_is_not_pid_1_leaves_no_qemu(
     init = rp.runner_pid()
     (runner,) = [p for p in _children(init) if is_runner(p)]
     ns = os.readlink(f"/proc/{runner}/ns/pid")
-    assert len([p for p in pod_processes(ns) if _comm(p).startswith("qemu-system")]) == 1
+    assert len([p for p in pod_processes(ns) if comm(p).startswith("qemu-system")]) == 1
     os.kill(runner, signal.SIGKILL)
     wait_for(
-        lambda: not [p for p in pod_processes(ns) if p != init and _comm(p) != ""],
+        lambda: not [p for p in pod_processes(ns) if p != init and comm(p) != ""],
         timeout=10,
         what="the runner's children to die with it",
     )

@@ -19,6 +19,7 @@ from .pods import (
     INSTANCES,
     RUNNER,
     assert_nothing_left,
+    comm,
     container_of,
     cpu_list,
     error_lines,
@@ -45,11 +46,7 @@ def test_pinning_invariants_and_clean_stop(
     container = container_of(uid)
     runner = rp.runner_pid()
     ns = os.readlink(f"/proc/{runner}/ns/pid")
-    qemu = next(
-        p
-        for p in pod_processes(ns)
-        if Path(f"/proc/{p}/comm").read_text().startswith("qemu-system")
-    )
+    qemu = next(p for p in pod_processes(ns) if comm(int(p)).startswith("qemu-system"))
 
     # Exactly the vCPU threads are in the instance cgroup, one distinct pod CPU each.
     vcpu_tids = {int(t) for t in (instance / "cgroup.threads").read_text().split()}
@@ -108,11 +105,7 @@ def test_qemu_killed_means_teardown_and_137(node: Node, tmp_path: Path, fault: F
     rp.wait_ready()
     runner = rp.runner_pid()
     ns = os.readlink(f"/proc/{runner}/ns/pid")
-    qemu = next(
-        p
-        for p in pod_processes(ns)
-        if Path(f"/proc/{p}/comm").read_text().startswith("qemu-system")
-    )
+    qemu = next(p for p in pod_processes(ns) if comm(int(p)).startswith("qemu-system"))
     os.kill(qemu, signal.SIGKILL)
     code, err = rp.finish()
     fault.saw(f"exit {code}")
