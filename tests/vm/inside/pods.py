@@ -165,9 +165,9 @@ def error_lines(err: str) -> list[dict]:
     ]
 
 
-def pod_process(rp: RunnerPod, comm: str) -> int:
+def pod_process(rp: RunnerPod, name: str) -> int:
     ns = os.readlink(f"/proc/{rp.runner_pid()}/ns/pid")
-    return next(p for p in pod_processes(ns) if comm(p).startswith(comm))
+    return next(p for p in pod_processes(ns) if comm(p).startswith(name))
 
 
 def comm(pid: int) -> str:
