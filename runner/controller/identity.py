@@ -40,7 +40,7 @@ def pod_of(pid: int) -> PodCgroup | None:
     try:
         text = Path(f"/proc/{pid}/cgroup").read_text()
         return kube.parse_pod_cgroup(kube.own_cgroup_path(None, text))
-    except (OSError, kube.KubeError):
+    except (OSError, ValueError):  # gone, not a pod, or a name that is not UTF-8
         return None
 
 

@@ -51,7 +51,11 @@ async def launch(
                 await body(status)
         except Exception as e:
             if not up[0]:
-                raise
+                # A body's own nursery wraps its error: the caller wants the error itself.
+                inner: BaseException = e
+                while isinstance(inner, BaseExceptionGroup) and len(inner.exceptions) == 1:
+                    inner = inner.exceptions[0]
+                raise inner from None
             log.error("service-failed", service=name, error=f"{type(e).__name__}: {e}")
         finally:
             service.done.set()
