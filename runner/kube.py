@@ -65,6 +65,11 @@ def _container(part: str) -> tuple[str, str] | None:
 def parse_pod_cgroup(path: str) -> PodCgroup:
     """Find the pod and container in a container's cgroup path (driver, runtime, QoS)."""
     parts = [p for p in path.split("/") if p]
+    if not parts:
+        raise KubeError(
+            "cgroup path '/': the container has a private cgroup namespace, which hides its "
+            "place under kubepods (run it in the host's cgroup namespace)"
+        )
     for i, part in enumerate(parts):
         driver: Driver
         if m := _SYSTEMD_POD.match(part):

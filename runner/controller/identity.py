@@ -21,6 +21,7 @@ from runner import kube
 from runner.kube import PodCgroup
 
 SO_PEERPIDFD = 77
+OUTSIDE_PID_NAMESPACE = "peer outside our pid namespace"
 
 
 @attrs.frozen
@@ -28,6 +29,11 @@ class Peer:
     pid: int | None
     pod: PodCgroup | None  # None: not in a pod's container cgroup, or not provably so
     how: str
+
+    @property
+    def hidden(self) -> bool:
+        """SO_PEERCRED gives pid 0 for a process outside our PID namespace (no hostPID)."""
+        return self.how == OUTSIDE_PID_NAMESPACE
 
 
 def peer_pid(sock: socket.socket) -> int:
@@ -64,7 +70,7 @@ def identify(sock: socket.socket) -> Peer:
     except OSError:
         return Peer(None, None, "no peer credentials")
     if pid <= 0:
-        return Peer(None, None, "peer outside our pid namespace")
+        return Peer(None, None, OUTSIDE_PID_NAMESPACE)
     try:
         pidfd = sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD)
     except OSError:

@@ -16,10 +16,17 @@ def refuse(code: int, message: str) -> rpc.RPCError:
     return rpc.RPCError(code, message)
 
 
-def check_caller(caller: PodCgroup | None, uuid: str) -> None:
-    """The uuid must be a pod UID, and the caller's own pod."""
+def check_caller(caller: PodCgroup | None, uuid: str, hidden: bool = False) -> None:
+    """The uuid must be a pod UID, and the caller's own pod. `hidden`: the caller's process
+    is not in the controller's PID namespace, so who it is cannot be known at all."""
     if kube.normalise_uid(uuid) != uuid:
         raise refuse(rpc.INVALID_PARAMS, f"invalid params: uuid {uuid!r} is not a pod UID")
+    if hidden:
+        raise refuse(
+            rpc.FORBIDDEN,
+            "the caller's process is not visible in the controller's PID namespace "
+            "(the controller's pod needs hostPID: true)",
+        )
     if caller is None:
         raise refuse(
             rpc.FORBIDDEN,
@@ -37,10 +44,11 @@ def may_register(
     container_cpus: CpuSet | None,
     online: CpuSet,
     state: KubeletState | Unknown,
+    hidden: bool = False,
 ) -> CpuSet:
     """The CPUs this caller may have as its instance cgroup, or the refusal. `container_cpus`
     is the caller's container cgroup's cpuset (None once that cgroup is gone)."""
-    check_caller(caller, uuid)
+    check_caller(caller, uuid, hidden)
     try:
         wanted = cpus.parse(cpuset)
     except cpus.CpuListError as e:

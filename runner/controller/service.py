@@ -105,7 +105,9 @@ class Service:
             with contextlib.suppress(CgroupError):
                 container = self.cg.cpus(peer.pod.path, effective=False)
         state = read_state(self.opts.kubelet_dir)
-        wanted = policy.may_register(peer.pod, p.uuid, p.cpuset, container, self.online, state)
+        wanted = policy.may_register(
+            peer.pod, p.uuid, p.cpuset, container, self.online, state, peer.hidden
+        )
         path = self.layout.instance(p.uuid)
         async with self.lock:
             live = {u: i.cpus for u, i in self.layout.instances().items()}
@@ -135,7 +137,7 @@ class Service:
         return rpc.RegisterResult(path, self.layout.float)
 
     async def deregister(self, peer: Peer, p: rpc.DeregisterParams) -> rpc.DeregisterResult:
-        policy.check_caller(peer.pod, p.uuid)
+        policy.check_caller(peer.pod, p.uuid, peer.hidden)
         path = self.layout.instance(p.uuid)
         async with self.lock:
             if not self.cg.exists(path):

@@ -91,3 +91,12 @@ def test_taking_against_live_instances() -> None:
     assert e.value.code == rpc.CONFLICT
     with pytest.raises(rpc.RPCError, match=f"already held by instance.*{OTHER}"):
         policy.may_take(UID, frozenset({1, 2}), {OTHER: frozenset({2, 3})})
+
+
+def test_a_caller_outside_our_pid_namespace_is_told_about_host_pid() -> None:
+    with pytest.raises(rpc.RPCError) as e:
+        policy.may_register(None, UID, "1-2", None, ONLINE, state({}), hidden=True)
+    assert e.value.code == rpc.FORBIDDEN and "hostPID: true" in e.value.message
+    with pytest.raises(rpc.RPCError) as e:
+        policy.check_caller(None, UID, hidden=True)
+    assert "hostPID: true" in e.value.message

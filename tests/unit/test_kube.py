@@ -87,7 +87,7 @@ def test_parse_pod_cgroup(path: str, driver: str, runtime: str, qos: str, uid: s
 @pytest.mark.parametrize(
     ("path", "message"),
     [
-        ("/", "not inside a Kubernetes pod"),
+        ("/", "private cgroup namespace"),
         ("/system.slice/foo.service", "not inside a Kubernetes pod"),
         (f"/kubepods.slice/kubepods-pod{U_}.slice", "names a pod but no container"),
         (f"/kubepods/pod{UID}/notacontainer", "is not a container cgroup"),
