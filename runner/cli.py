@@ -11,12 +11,21 @@ from typing import Any, TypeVar
 import click
 import trio
 
-from runner import __version__
+from runner import __version__, httpd
 from runner.log import log
 from runner.run.options import RUN_DIR_BASE, Options
 from runner.run.steps import STEP_NAMES
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _address(value: str | None) -> str | None:
+    if value is not None:
+        try:
+            httpd.parse_address(value)
+        except httpd.AddressError as e:
+            raise click.BadParameter(str(e)) from None
+    return value
 
 
 def option(*decls: str, env: str, **kw: Any) -> Callable[[F], F]:
@@ -188,6 +197,14 @@ def run(log_format: str, log_level: str, **kw: Any) -> None:
 @node_options
 @seconds("idle-timeout", 10.0, "A connection that sends nothing for this long is closed.")
 @seconds("resync-interval", 10.0, "Reconcile at least this often, whatever the events.")
+@option(
+    "--health-address",
+    env="HEALTH_ADDRESS",
+    metavar="HOST:PORT",
+    callback=lambda _ctx, _param, value: _address(value),
+    help="Serve GET /healthz (alive) and /readyz (serving, float made) over HTTP here, for "
+    "kubelet's probes [default: off].",
+)
 def controller(log_format: str, log_level: str, **kw: Any) -> None:
     """Run the node's instance cgroup controller (a DaemonSet on every worker).
 

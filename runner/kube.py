@@ -131,6 +131,18 @@ class KubeletState:
         return None
 
 
+def check_static(state: KubeletState) -> None:
+    """kubelet dedicates CPUs to containers only under its static CPU manager policy; under
+    any other, a Guaranteed pod's CPUs are shared with everything and pinning isolates nothing.
+    The one check of the policy, for the runner and the controller alike."""
+    if state.policy != "static":
+        raise KubeError(
+            f"kubelet's CPU manager policy in cpu_manager_state is {state.policy!r}, not "
+            "'static': it dedicates no CPUs to pods (set cpuManagerPolicy: static in the "
+            "node's kubelet configuration)"
+        )
+
+
 def parse_cpu_manager_state(text: str) -> KubeletState:
     try:
         doc = json.loads(text)

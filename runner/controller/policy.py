@@ -65,11 +65,15 @@ def may_register(
             f"cpuset {cpus.format(wanted)} is not the pod's ({cpus.format(container_cpus)})",
         )
     if isinstance(state, KubeletState):
+        try:
+            kube.check_static(state)
+        except kube.KubeError as e:
+            raise refuse(rpc.FORBIDDEN, str(e)) from None
         # The caller's own container entry, not the union over the pod: a sidecar has its
-        # own, and an init container's entry stays until the pod goes.
+        # own, and an init container's entry stays until the pod goes. Only kubelet hands
+        # out exclusive CPUs: no entry, no claim.
         own = state.container_with(uuid, wanted)
-        # Under the static policy only kubelet hands out exclusive CPUs: no entry, no claim.
-        if own is None and (state.policy == "static" or state.entries.get(uuid)):
+        if own is None:
             listed = state.entries.get(uuid, {})
             held = ", ".join(f"{n} {cpus.format(c)}" for n, c in sorted(listed.items()))
             raise refuse(

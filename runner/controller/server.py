@@ -13,7 +13,7 @@ from pathlib import Path
 
 import trio
 
-from runner import early, rpc
+from runner import early, httpd, rpc
 from runner.controller.identity import Peer, identify
 from runner.controller.service import ControllerError, ControllerOptions, Service
 from runner.log import log
@@ -77,6 +77,18 @@ class Server:
             except Exception as e:
                 log.error("connection-failed", pid=peer.pid, error=f"{type(e).__name__}: {e}")
 
+    @property
+    def probes(self) -> dict[str, httpd.Route]:
+        """kubelet's HTTP probes: alive while this loop answers; ready once float is made
+        (before that, every registration would be refused as busy)."""
+
+        def ready() -> tuple[int, str]:
+            if self.service.layout.float_cpus() is None:
+                return 503, "no float cgroup yet: kubelet's cpu_manager_state is unknown\n"
+            return 200, "ready\n"
+
+        return {"/healthz": lambda: (200, "ok\n"), "/readyz": ready}
+
     async def open_socket(self) -> trio.SocketListener:
         path = Path(self.opts.socket)
         try:
@@ -127,6 +139,17 @@ class Server:
                         self.service.keeper.follow, self.opts.resync_interval, self.service.lock
                     )
                     nursery.start_soon(trio.serve_listeners, self.serve_connection, [listener])
+                    if self.opts.health_address:
+                        try:
+                            await nursery.start(httpd.serve, self.opts.health_address, self.probes)
+                        except OSError as e:
+                            log.error(
+                                "controller-failed",
+                                error=f"cannot serve HTTP on {self.opts.health_address}: "
+                                f"{e.strerror or e}",
+                            )
+                            nursery.cancel_scope.cancel()
+                            return 1
                     log.info("controller-serving", socket=self.opts.socket)
                     async for signum in sigs:
                         log.info("controller-stopping", signal=signal.Signals(signum).name)

@@ -38,6 +38,7 @@ class ControllerOptions:
     kubelet_dir: str = "/var/lib/kubelet"
     idle_timeout: float = 10.0
     resync_interval: float = 10.0
+    health_address: str | None = None  # HOST:PORT for kubelet's HTTP probes; None: off
 
 
 class ControllerError(Exception):

@@ -65,6 +65,10 @@ class Embedded:
                 f"cannot tell the node's shared CPUs: {state.reason} (kubelet writes it "
                 "under every CPU manager policy; the runner will not guess)"
             )
+        try:
+            kube.check_static(state)
+        except kube.KubeError as e:
+            raise StartupError(str(e)) from None
         others = {u: i for u, i in self.layout.instances().items() if u != self.uuid}
         shared = float_target(state, online_cpus(), held_cpus(others), None)
         return shared or frozenset()

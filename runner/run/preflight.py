@@ -12,7 +12,7 @@ from typing import Literal
 
 import attrs
 
-from runner import cpus, kube, plan, spec
+from runner import cpus, kube, mounts, plan, spec
 from runner.log import log
 from runner.node.cgroupfs import CgroupError, CgroupFS
 from runner.run.cgroupsource import CgroupSource, make_source
@@ -131,6 +131,8 @@ def isolate(o: Options, the_spec: spec.InstanceSpec) -> Isolation:
         raise StartupError(
             f"--cgroup-root {o.cgroup_root} is not below the cgroup mount {o.cgroup_mount}"
         ) from None
+    if o.controller_socket:
+        check_socket_mount(o.controller_socket)
     try:
         # /proc/self follows the thread-group leader: read it now, before any move.
         own = kube.own_cgroup_path(
@@ -151,6 +153,18 @@ def isolate(o: Options, the_spec: spec.InstanceSpec) -> Isolation:
     except (kube.KubeError, plan.PlanError, CgroupError) as e:
         raise StartupError(str(e)) from None
     return Isolation(cg, own, pod, the_plan, source)
+
+
+def check_socket_mount(socket_path: str) -> None:
+    """The controller's socket must come in with its directory: a restarted controller makes
+    a new socket, which a mount of the old socket file never shows."""
+    info = _read_optional("/proc/self/mountinfo") or ""
+    if mounts.is_file_mount(socket_path, info):
+        raise StartupError(
+            f"--controller-socket {socket_path} is mounted as a file: after a controller "
+            "restart it would name a dead socket; mount the socket's directory instead "
+            "(a hostPath volume of type Directory)"
+        )
 
 
 def check_guest_resources(the_spec: spec.InstanceSpec, inherited: frozenset[int]) -> None:

@@ -100,3 +100,12 @@ def test_a_caller_outside_our_pid_namespace_is_told_about_host_pid() -> None:
     with pytest.raises(rpc.RPCError) as e:
         policy.check_caller(None, UID, hidden=True)
     assert "hostPID: true" in e.value.message
+
+
+def test_a_node_without_the_static_policy_is_refused_by_name() -> None:
+    # Under "none" the container's cpuset is every CPU and nothing is dedicated.
+    none = kube.parse_cpu_manager_state('{"policyName":"none","defaultCpuSet":""}')
+    with pytest.raises(rpc.RPCError) as e:
+        verdict(cpuset="0-7", container="0-7", kubelet=none)
+    assert e.value.code == rpc.FORBIDDEN
+    assert "is 'none', not 'static'" in e.value.message

@@ -14,6 +14,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from runner import httpd
 from runner import spec as specs
 from runner.cli import cli
 
@@ -123,13 +124,19 @@ def test_controller_has_what_it_needs() -> None:
     assert c["resources"]["requests"]["cpu"] and c["resources"]["requests"]["memory"]
     for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
         assert "exec" not in c.get(probe, {}), "an exec probe runs inside the container"
+    # Probes over HTTP, served by the controller itself at the address its env gives.
+    env = {e["name"]: e["value"] for e in c["env"]}
+    _host, port = httpd.parse_address(env["INSTANCE_RUNNER_HEALTH_ADDRESS"])
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    for probe, path in (("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")):
+        get = c[probe]["httpGet"]
+        assert get["path"] == path and ports.get(get["port"], get["port"]) == port
     mounts = {m["name"]: m for m in c["volumeMounts"]}
     volumes = {v["name"]: v for v in pod["volumes"]}
     kubelet = next(m for m in mounts.values() if m["mountPath"] == "/var/lib/kubelet")
     assert kubelet["readOnly"] is True
     assert volumes[kubelet["name"]]["hostPath"]["type"] == "Directory"
     assert any(m["mountPath"] == "/sys/fs/cgroup" for m in mounts.values())
-    env = {e["name"]: e["value"] for e in c["env"]}
     socket_dir = str(Path(env["INSTANCE_RUNNER_CONTROLLER_SOCKET"]).parent)
     sockets = next(m for m in mounts.values() if m["mountPath"] == socket_dir)
     assert volumes[sockets["name"]]["hostPath"]["type"] in ("Directory", "DirectoryOrCreate")

@@ -145,3 +145,11 @@ def test_cpu_manager_state() -> None:
 def test_cpu_manager_state_rejects(text: str) -> None:
     with pytest.raises(kube.KubeError):
         kube.parse_cpu_manager_state(text)
+
+
+def test_only_the_static_policy_passes_the_policy_check() -> None:
+    static = kube.parse_cpu_manager_state('{"policyName":"static","defaultCpuSet":"0"}')
+    kube.check_static(static)
+    none = kube.parse_cpu_manager_state('{"policyName":"none","defaultCpuSet":""}')
+    with pytest.raises(kube.KubeError, match="cpuManagerPolicy: static"):
+        kube.check_static(none)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import subprocess
+
 import pytest
 
-from .conftest import VMRunner
+from .conftest import REPO, VMRunner
 
 INSIDE = [
     pytest.param("test_podsim.py", ["--cpus", "4"], id="podsim"),
@@ -16,6 +18,8 @@ INSIDE = [
     pytest.param("test_node_faults.py", ["--cpus", "4", "--kernel", "6.12"], id="node-faults-6.12"),
     # TCG inside TCG: a real guest needs minutes here. One run proves the whole chain isolated.
     pytest.param("test_guest_smoke.py", ["--cpus", "4", "--memory", "3072"], id="guest-smoke"),
+    # The image under podman and crun: its layers and two containers live in the VM's memory.
+    pytest.param("test_container.py", ["--cpus", "4", "--memory", "4096"], id="container"),
 ]
 
 
@@ -23,6 +27,9 @@ INSIDE = [
 @pytest.mark.slow
 @pytest.mark.parametrize(("module", "vm_args"), INSIDE)
 def test_inside_vm(testvm: VMRunner, module: str, vm_args: list[str]) -> None:
+    if module == "test_container.py":  # the image archive, built offline (or up to date)
+        image = subprocess.run([REPO / "scripts" / "image"], capture_output=True, text=True)
+        assert image.returncode == 0, image.stderr
     r = testvm.run(
         *vm_args,
         "--timeout",

@@ -215,6 +215,45 @@ def vcpus_pinned(vcpus: list[dict]) -> bool:
     return True
 
 
+def assert_placed(runner: int, uid: str, pod_cpus: set[int], online: set[int]) -> int:
+    """The pinning invariants, seen from the node: exactly the vCPU threads of the pod whose
+    PID 1 is `runner` are in the instance cgroup, one pod CPU each; the container cgroup holds
+    the anchor alone; every other thread of the pod is in float, off the pod's CPUs; float has
+    every CPU but the pod's. Returns the anchor's PID."""
+    instance = INSTANCES / f"instance-{uid}"
+    container = container_of(uid)
+    ns = os.readlink(f"/proc/{runner}/ns/pid")
+    qemu = next(p for p in pod_processes(ns) if comm(p).startswith("qemu-system"))
+
+    vcpu_tids = {int(t) for t in (instance / "cgroup.threads").read_text().split()}
+    assert vcpu_tids == set(tasks(qemu)) & vcpu_tids and len(vcpu_tids) == len(pod_cpus)
+    names = {Path(f"/proc/{qemu}/task/{t}/comm").read_text().strip() for t in vcpu_tids}
+    assert names == {f"CPU {i}/TCG" for i in range(len(pod_cpus))}
+    allowed = [os.sched_getaffinity(t) for t in vcpu_tids]
+    assert all(len(a) == 1 for a in allowed)
+    assert set().union(*allowed) == pod_cpus
+    assert cpu_list((instance / "cpuset.cpus").read_text()) == pod_cpus
+
+    anchor_pids = [int(p) for p in (container / "cgroup.procs").read_text().split()]
+    assert len(anchor_pids) == 1, "the container cgroup must hold the anchor alone"
+    anchor = anchor_pids[0]
+    assert Path(f"/proc/{anchor}/cmdline").read_bytes() == b"sleep\0infinity\0"
+    assert task_cgroup(anchor, anchor) == f"/{container.relative_to(CG)}"
+    checked = 0
+    for p in pod_processes(ns):
+        if p == anchor:
+            continue
+        for t in tasks(p):
+            if t in vcpu_tids:
+                continue
+            assert task_cgroup(p, t) == "/instances/float", (p, t, comm(p))
+            assert not os.sched_getaffinity(t) & pod_cpus, (p, t, comm(p))
+            checked += 1
+    assert checked >= 3  # runner, QEMU main thread, QEMU's other threads
+    assert cpu_list((FLOAT / "cpuset.cpus").read_text()) == online - pod_cpus
+    return anchor
+
+
 def stop(rp: RunnerPod, fault: Fault) -> int:
     rp.pod.proc.send_signal(signal.SIGTERM)
     code, err = rp.finish()

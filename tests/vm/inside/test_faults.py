@@ -168,6 +168,8 @@ STATES = {
     "corrupt": "\x00\x17garbage{",
     "truncated": '{"policyName":"static","defaultCpuSet":"0,3","entries":{"',
     "without defaultCpuSet": '{"policyName":"static","checksum":1}',
+    # A node without the static policy dedicates nothing: refused by name.
+    "of policy none": '{"policyName":"none","defaultCpuSet":"","checksum":1}',
 }
 
 

@@ -13,21 +13,17 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import CG, Fault, Node, wait_for
+from .conftest import Fault, Node, wait_for
 from .pods import (
-    FLOAT,
-    INSTANCES,
     RUNNER,
     assert_nothing_left,
+    assert_placed,
     comm,
-    container_of,
     cpu_list,
     error_lines,
     fake_qemu,
     pod_processes,
     start_runner,
-    task_cgroup,
-    tasks,
     write_spec,
 )
 
@@ -42,40 +38,9 @@ def test_pinning_invariants_and_clean_stop(
     ready = rp.wait_ready()
     uid = rp.pod.uid
     pod_cpus = cpu_list(cpus)
-    instance = INSTANCES / f"instance-{uid}"
-    container = container_of(uid)
     runner = rp.runner_pid()
     ns = os.readlink(f"/proc/{runner}/ns/pid")
-    qemu = next(p for p in pod_processes(ns) if comm(int(p)).startswith("qemu-system"))
-
-    # Exactly the vCPU threads are in the instance cgroup, one distinct pod CPU each.
-    vcpu_tids = {int(t) for t in (instance / "cgroup.threads").read_text().split()}
-    assert vcpu_tids == set(tasks(qemu)) & vcpu_tids and len(vcpu_tids) == len(pod_cpus)
-    names = {Path(f"/proc/{qemu}/task/{t}/comm").read_text().strip() for t in vcpu_tids}
-    assert names == {f"CPU {i}/TCG" for i in range(len(pod_cpus))}
-    allowed = [os.sched_getaffinity(t) for t in vcpu_tids]
-    assert all(len(a) == 1 for a in allowed)
-    assert set().union(*allowed) == pod_cpus
-    assert cpu_list((instance / "cpuset.cpus").read_text()) == pod_cpus
-
-    # Every other thread of every pod process but the anchor is in float, off the pod's CPUs.
-    anchor_pids = [int(p) for p in (container / "cgroup.procs").read_text().split()]
-    assert len(anchor_pids) == 1, "the container cgroup must hold the anchor alone"
-    anchor = anchor_pids[0]
-    assert Path(f"/proc/{anchor}/cmdline").read_bytes() == b"sleep\0infinity\0"
-    float_path = "/instances/float"
-    checked = 0
-    for p in pod_processes(ns):
-        if p == anchor:
-            continue
-        for t in tasks(p):
-            if t in vcpu_tids:
-                continue
-            assert task_cgroup(p, t) == float_path, (p, t)
-            assert not os.sched_getaffinity(t) & pod_cpus, (p, t)
-            checked += 1
-    assert checked >= 3  # runner, QEMU main thread, QEMU's other threads
-    assert cpu_list((FLOAT / "cpuset.cpus").read_text()) == set(range(4)) - pod_cpus
+    assert_placed(runner, uid, pod_cpus, set(range(4)))
 
     # The guest never ran before it was pinned.
     assert ready["status_at_pin"] in ("prelaunch", "paused")
@@ -83,8 +48,6 @@ def test_pinning_invariants_and_clean_stop(
     assert {v["cpu"] for v in ready["vcpus"]} == pod_cpus
 
     # SIGTERM: clean stop within the shutdown timeout (1 s) + 2 s.
-    anchor_cgroup = Path(f"/proc/{anchor}/cgroup").read_text()
-    assert anchor_cgroup == f"0::/{container.relative_to(CG)}\n"
     pids = pod_processes(ns)
     start = time.monotonic()
     rp.pod.proc.send_signal(signal.SIGTERM)

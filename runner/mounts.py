@@ -1,0 +1,26 @@
+"""The mount table (/proc/<pid>/mountinfo), parsed. Pure: the caller reads the file."""
+
+from __future__ import annotations
+
+import os
+import re
+
+_OCTAL = re.compile(r"\\([0-7]{3})")
+
+
+def mount_points(mountinfo: str) -> set[str]:
+    """Every mount point in a mountinfo text (field 5, with the kernel's octal escapes for
+    space, tab, newline and backslash undone)."""
+    points = set()
+    for line in mountinfo.splitlines():
+        fields = line.split(" ")
+        if len(fields) > 4:
+            points.add(_OCTAL.sub(lambda m: chr(int(m.group(1), 8)), fields[4]))
+    return points
+
+
+def is_file_mount(path: str, mountinfo: str) -> bool:
+    """True if `path` itself is a mount point: a single file bind-mounted into a container.
+    Such a mount keeps the inode it was made with, so a file the host later replaces (a
+    socket a restarted daemon makes anew, a file renamed over) is never seen."""
+    return os.path.normpath(path) in mount_points(mountinfo)
