@@ -131,3 +131,43 @@ def test_podsim_refuses_a_host_without_cgroup_v2(tmp_path: Path) -> None:
     lines = r.stderr.splitlines()
     assert len(lines) == 1
     assert "not a cgroup v2 hierarchy" in lines[0] or "must run as root" in lines[0]
+
+
+# --- podsim: bad input is refused before the node is looked at ---------------------------------
+
+INPUT_REFUSALS = [
+    (["--cpus", "3-1"], "invalid CPU range"),
+    (["--cpus", "1,1-2"], "names CPUs 1 twice"),
+    (["--cpus", "one"], "invalid CPU list"),
+    (["--qos", "burstable", "--cpus", "1"], "--cpus is only for Guaranteed pods"),
+    ([], "--cpus is required for a Guaranteed pod"),
+    (["--cpus", "1", "--container-id", "xyz"], "--container-id must be 64 lowercase hex"),
+    (["--cpus", "1", "--uid", "../../etc"], "is not a pod UID"),
+    (["--cpus", "1", "--bogus"], "unrecognized arguments: --bogus"),
+    (["--cpus", "1", "--qos", "platinum"], "invalid choice"),
+    (["--cpus", "1", "--container-name", "Side_Car"], "is not a container name"),
+    (["--cpus", "1", "--container-name", "sidecar-"], "is not a container name"),
+    (["--qos", "burstable", "--keep-entry"], "--keep-entry is only for Guaranteed pods"),
+    (["--cpus", "1", "--"], "missing CMD"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), INPUT_REFUSALS)
+def test_podsim_refuses_bad_input_in_one_line_touching_nothing(
+    tmp_path: Path, args: list[str], message: str
+) -> None:
+    kubelet, cgroups = tmp_path / "kubelet", tmp_path / "cgroup"
+    cgroups.mkdir()
+    uid = [] if "--uid" in args else ["--uid", "0a1b2c3d-1111-2222-3333-444455556666"]
+    cmd = [] if "--" in args else ["--", "sleep", "600"]
+    node = ["--kubelet-dir", str(kubelet), "--cgroup-root", str(cgroups)]
+    r = subprocess.run(
+        [sys.executable, str(REPO / "scripts/podsim"), *node, "run", *uid, *args, *cmd],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert r.returncode in (1, 2)
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("podsim: ") and message in lines[0], r.stderr
+    assert not kubelet.exists() and list(cgroups.iterdir()) == []

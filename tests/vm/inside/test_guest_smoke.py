@@ -62,7 +62,7 @@ def test_real_guest_isolated_end_to_end(node: Node, tmp_path: Path) -> None:
     ready = rp.wait_ready(timeout=120)
     assert {v["cpu"] for v in ready["vcpus"]} == {1, 2}
 
-    deadline = time.monotonic() + 400
+    deadline = time.monotonic() + 600
     while "GUEST-READY" not in (text := out.read_text() if out.exists() else ""):
         assert "GUEST-ERROR" not in text, text
         assert time.monotonic() < deadline, f"the guest did not come up:\n{text}"
