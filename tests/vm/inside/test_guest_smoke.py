@@ -14,6 +14,11 @@ from pathlib import Path
 from .conftest import REPO, Node
 from .pods import INSTANCES, assert_nothing_left, comm, start_runner
 
+NO_CX16 = """#!/bin/sh
+for arg; do shift; [ "$arg" = max ] && arg=max,-cx16; set -- "$@" "$arg"; done
+exec qemu-system-x86_64 "$@"
+"""
+
 
 def test_real_guest_isolated_end_to_end(node: Node, tmp_path: Path) -> None:
     image = Path(
@@ -27,6 +32,11 @@ def test_real_guest_isolated_end_to_end(node: Node, tmp_path: Path) -> None:
     share = tmp_path / "share"
     share.mkdir()
     (share / "hello.txt").write_text("hello from the test VM\n")
+    # TCG inside the test VM's TCG runs a guest's cmpxchg16b wrongly now and then (Linux 6.12
+    # double-faults in its first allocations): this guest is told its CPU has none.
+    qemu = tmp_path / "qemu"
+    qemu.write_text(NO_CX16)
+    qemu.chmod(0o755)
     spec = tmp_path / "spec.json"
     spec.write_text(
         json.dumps(
@@ -35,6 +45,7 @@ def test_real_guest_isolated_end_to_end(node: Node, tmp_path: Path) -> None:
                 "vcpus": 2,
                 "memory_mib": 256,
                 "accel": "tcg",
+                "qemu_binary": str(qemu),
                 "boot": {
                     "kernel": str(image / "vmlinuz"),
                     "initrd": str(image / "initrd.gz"),
