@@ -19,7 +19,7 @@ from runner.run.steps import STEP_NAMES
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def _address(value: str | None) -> str | None:
+def _address(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
     if value is not None:
         try:
             httpd.parse_address(value)
@@ -201,7 +201,7 @@ def run(log_format: str, log_level: str, **kw: Any) -> None:
     "--health-address",
     env="HEALTH_ADDRESS",
     metavar="HOST:PORT",
-    callback=lambda _ctx, _param, value: _address(value),
+    callback=_address,
     help="Serve GET /healthz (alive) and /readyz (serving, float made) over HTTP here, for "
     "kubelet's probes [default: off].",
 )

@@ -8,6 +8,7 @@ It only wakes when a request comes: no timers while idle.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from http import HTTPStatus
 
 import trio
 
@@ -18,8 +19,6 @@ Route = Callable[[], tuple[int, str]]
 
 REQUEST_DEADLINE = 5.0  # a client that does not finish its request head in time is dropped
 MAX_HEAD = 8192
-REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed"}
-REASONS[503] = "Service Unavailable"
 
 
 class AddressError(ValueError):
@@ -54,7 +53,7 @@ def respond(head: bytes, routes: Mapping[str, Route]) -> bytes:
 def _response(status: int, body: str, with_body: bool) -> bytes:
     data = body.encode()
     head = (
-        f"HTTP/1.1 {status} {REASONS.get(status, 'Status')}\r\n"
+        f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n"
         "Content-Type: text/plain; charset=utf-8\r\n"
         f"Content-Length: {len(data)}\r\n"
         "Connection: close\r\n\r\n"
