@@ -51,7 +51,10 @@ def test_inside_vm(testvm: VMRunner, module: str, vm_args: list[str], select: li
         "-q",
         "-rfE",
         "--color=no",
+        "--durations=10",
         f"tests/vm/inside/{module}",
+        *select,
         timeout=2000,
     )
+    print(r.stdout)  # its slowest tests, shown with -rP
     assert r.returncode == 0, f"inside the VM:\n{r.stdout}\n{r.stderr}"

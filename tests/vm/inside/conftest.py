@@ -28,7 +28,7 @@ if not os.environ.get("TESTVM"):  # pragma: no cover - guarded by tests/conftest
     pytest.skip("runs inside scripts/testvm only", allow_module_level=True)
 
 
-def wait_for(pred: Callable[[], T], timeout: float = 20, what: str = "condition") -> T:
+def wait_for(pred: Callable[[], T], timeout: float = 60, what: str = "condition") -> T:
     """Polls until `pred` gives something true, and returns that."""
     deadline = time.monotonic() + timeout
     while not (value := pred()):
@@ -85,7 +85,7 @@ class Pod:
     def read(self, name: str) -> str:
         return (self.out / name).read_text().strip()
 
-    def terminate(self, timeout: float = 30) -> int:
+    def terminate(self, timeout: float = 90) -> int:
         self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(timeout=timeout)
 
@@ -99,7 +99,7 @@ class Node:
     def env(self) -> dict[str, str]:
         return {**os.environ, "PODSIM_KUBELET_DIR": str(self.kubelet)}
 
-    def podsim(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    def podsim(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [sys.executable, str(PODSIM), *args],
             capture_output=True,

@@ -40,7 +40,7 @@ class RunnerPod:
     def ready_file(self) -> Path:
         return self.run_dir / "ready"
 
-    def wait_ready(self, timeout: float = 60) -> dict:
+    def wait_ready(self, timeout: float = 180) -> dict:
         wait_for(
             lambda: self.ready_file.exists() or self.pod.proc.poll() is not None,
             timeout=timeout,
@@ -55,7 +55,7 @@ class RunnerPod:
         (pid,) = children.read_text().split()
         return int(pid)
 
-    def finish(self, timeout: float = 60) -> tuple[int, str]:
+    def finish(self, timeout: float = 120) -> tuple[int, str]:
         _out, err = self.pod.proc.communicate(timeout=timeout)
         return self.pod.proc.returncode, err
 
