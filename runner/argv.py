@@ -7,6 +7,8 @@ from typing import Literal
 
 import attrs
 
+from runner import cpus
+from runner.placement import Layout
 from runner.spec import InstanceSpec, Nic, Share
 
 
@@ -25,9 +27,15 @@ def _opt(value: str) -> str:
     return value.replace(",", ",,")
 
 
-def qemu_argv(spec: InstanceSpec, accel: Literal["kvm", "tcg"], wiring: Wiring) -> list[str]:
+def qemu_argv(
+    spec: InstanceSpec,
+    accel: Literal["kvm", "tcg"],
+    wiring: Wiring,
+    layout: Layout | None = None,
+) -> list[str]:
     """QEMU starts paused (-S): vCPU threads exist but no guest code runs until `cont`, so
-    they can be placed before the guest ever executes."""
+    they can be placed before the guest ever executes. `layout`: the guest topology and RAM
+    binding of the plan (None: flat, as without isolation)."""
     if len(wiring.nic_fds) != len(spec.nics) or len(wiring.share_sockets) != len(spec.shares):
         raise ValueError("the wiring must have one fd per nic and one socket per share")
     argv = [
@@ -40,13 +48,18 @@ def qemu_argv(spec: InstanceSpec, accel: Literal["kvm", "tcg"], wiring: Wiring) 
         "-display",
         "none",
     ]
+    if spec.devices:
+        argv += ["-machine", "q35"]  # PCIe expander bridges and root ports
     if accel == "kvm":
         argv += ["-accel", "kvm", "-cpu", "host"]
     else:
         argv += ["-accel", "tcg,thread=multi", "-cpu", "max"]  # one host thread per vCPU
+    smp = str(spec.vcpus)
+    if layout is not None and layout.bound:
+        smp += f",sockets={layout.sockets},cores={layout.cores},threads={layout.threads}"
     argv += [
         "-smp",
-        str(spec.vcpus),
+        smp,
         "-m",
         f"{spec.memory_mib}M",
         "-chardev",
@@ -54,7 +67,8 @@ def qemu_argv(spec: InstanceSpec, accel: Literal["kvm", "tcg"], wiring: Wiring) 
         "-mon",
         "chardev=qmp,mode=control",
     ]
-    argv += _memory(spec)
+    argv += _memory(spec, layout)
+    argv += _devices(spec, layout)
     if wiring.console_fd is not None:
         argv += [
             "-chardev",
@@ -103,23 +117,75 @@ def qemu_argv(spec: InstanceSpec, accel: Literal["kvm", "tcg"], wiring: Wiring) 
     return argv
 
 
-def _memory(spec: InstanceSpec) -> list[str]:
-    """Guest RAM as an explicit backend: shared (memfd) when virtiofsd must map it, on huge
-    pages when asked, preallocated so it is charged while QEMU is still in the pod's cgroup."""
+def _memory(spec: InstanceSpec, layout: Layout | None) -> list[str]:
+    """Guest RAM as explicit backends: shared (memfd) when virtiofsd must map it, on huge
+    pages when asked, preallocated so it is charged while QEMU is still in the pod's cgroup,
+    and with a plan's layout one per guest NUMA node, bound to its host node."""
     mem = spec.memory
     shared = bool(spec.shares)
-    if not (shared or mem.hugepages != "none" or mem.prealloc):
+    bound = layout is not None and layout.bound
+    if not (shared or mem.hugepages != "none" or mem.prealloc or bound):
         return []
     backend = "memory-backend-memfd" if shared or mem.hugepages != "none" else "memory-backend-ram"
-    props = [f"{backend},id=mem,size={spec.memory_mib}M"]
-    if shared:
-        props.append("share=on")
-    if mem.hugepages != "none":
-        props.append(f"hugetlb=on,hugetlbsize={mem.hugepages}")
-    if mem.prealloc:
-        # One thread per vCPU: a large guest's RAM is touched in time for QMP's deadline.
-        props.append(f"prealloc=on,prealloc-threads={spec.vcpus}")
-    return ["-object", ",".join(props), "-numa", "node,memdev=mem"]
+
+    def props(name: str, mib: int, vcpus: int) -> list[str]:
+        out = [f"{backend},id={name},size={mib}M"]
+        if shared:
+            out.append("share=on")
+        if mem.hugepages != "none":
+            out.append(f"hugetlb=on,hugetlbsize={mem.hugepages}")
+        if mem.prealloc:
+            # One thread per vCPU: a large guest's RAM is touched in time for QMP's deadline.
+            out.append(f"prealloc=on,prealloc-threads={vcpus}")
+        return out
+
+    if layout is None or not layout.bound:
+        return [
+            "-object",
+            ",".join(props("mem", spec.memory_mib, spec.vcpus)),
+            "-numa",
+            "node,memdev=mem",
+        ]
+    argv = []
+    for i, node in enumerate(layout.nodes):
+        # bind, not preferred: a guest node's RAM never silently lands on another host node.
+        parts = props(f"mem{i}", node.memory_mib, len(node.vcpus))
+        parts.append(f"host-nodes={node.host_node},policy=bind")
+        ranges = ",".join(f"cpus={r}" for r in cpus.format(node.vcpus).split(","))
+        argv += [
+            "-object",
+            ",".join(parts),
+            "-numa",
+            f"node,nodeid={i},{ranges},memdev=mem{i}",
+        ]
+    return argv
+
+
+def _devices(spec: InstanceSpec, layout: Layout | None) -> list[str]:
+    """VFIO devices, each behind a PCIe root port; one on a host node the guest mirrors sits
+    behind an expander bridge on that guest node, so the guest's driver sees its locality."""
+    argv: list[str] = []
+    nodes = layout.device_nodes if layout is not None else ()
+    bridges: set[int] = set()
+    for k, device in enumerate(spec.devices):
+        node = nodes[k] if k < len(nodes) else None
+        bus = "pcie.0"
+        if node is not None:
+            bus = f"pxb{node}"
+            if node not in bridges:
+                bridges.add(node)
+                # Bus numbers apart from pcie.0's and each other's, room for the ports.
+                argv += [
+                    "-device",
+                    f"pxb-pcie,id=pxb{node},bus_nr={64 + 32 * node},numa_node={node},bus=pcie.0",
+                ]
+        argv += [
+            "-device",
+            f"pcie-root-port,id=rp{k},bus={bus},chassis={k + 1},slot=0",
+            "-device",
+            f"vfio-pci,host={device.address},bus=rp{k},id=dev{k}",
+        ]
+    return argv
 
 
 def dnsmasq_argv(spec: InstanceSpec, index: int, binary: str = "dnsmasq") -> list[str]:

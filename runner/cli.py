@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
@@ -217,6 +218,81 @@ def controller(log_format: str, log_level: str, **kw: Any) -> None:
 
     log.configure(log_format, log_level)  # type: ignore[arg-type]
     sys.exit(trio.run(Server(ControllerOptions(**kw)).run))
+
+
+@cli.command()
+@option(
+    "--sysfs",
+    env="SYSFS",
+    default="/sys",
+    metavar="DIR",
+    help="Where sysfs is mounted.",
+)
+@option("--record", env="RECORD", is_flag=True, help="Print the raw sysfs snapshot instead.")
+@option(
+    "--cpus",
+    "pod_cpus",
+    env="CPUS",
+    metavar="LIST",
+    help="Also print the guest a pod holding these CPUs would get (with --spec).",
+)
+@option("--spec", "spec_path", env="SPEC", metavar="FILE", help="Instance spec (JSON), for --cpus.")
+def topology(sysfs: str, record: bool, pod_cpus: str | None, spec_path: str | None) -> None:
+    """Show the host as the planner sees it: CPUs by NUMA node and core, node distances, PCI
+    devices with their node, IOMMU group and driver; with --cpus and --spec, the plan."""
+    import json
+
+    from runner import cpus, kube, plan, spec, topology
+
+    try:
+        snap = topology.record(sysfs)
+        host = topology.parse(snap)
+    except topology.TopologyError as e:
+        raise click.ClickException(str(e)) from None
+    if record:
+        click.echo(json.dumps(snap, indent=1, sort_keys=True))
+        return
+    doc: dict[str, Any] = {
+        "nodes": {
+            n: {
+                "cpus": cpus.format(host.cpus_of_node(n)),
+                "cores": [
+                    cpus.format(core)
+                    for core in sorted(
+                        {host.cpus[c].siblings for c in host.cpus_of_node(n)}, key=min
+                    )
+                ],
+                "distances": list(host.distances.get(n, ())),
+            }
+            for n in sorted(host.nodes)
+        },
+        "smt": host.smt,
+        "pci": {
+            a: {"node": d.node, "iommu_group": d.iommu_group, "driver": d.driver}
+            for a, d in host.devices.items()
+            if d.iommu_group is not None or d.node is not None
+        },
+    }
+    if pod_cpus is not None:
+        if spec_path is None:
+            raise click.UsageError("--cpus needs --spec")
+        try:
+            the_spec = spec.load(Path(spec_path).read_text(), source=spec_path)
+            held = cpus.parse(pod_cpus)
+            # A pod by name only: nothing is read from it.
+            pod = kube.PodCgroup("/", "-", "-", "cgroupfs", "-", "guaranteed")
+            the_plan = plan.make_plan(the_spec, pod, held, None, host)
+        except OSError as e:
+            raise click.ClickException(f"cannot read spec {spec_path}: {e.strerror}") from None
+        except (spec.SpecError, cpus.CpuListError, plan.PlanError) as e:
+            raise click.ClickException(str(e)) from None
+        from runner.run.readiness import guest_topology
+
+        doc["plan"] = {
+            "vcpus": {i: c for i, c in enumerate(the_plan.placement)},
+            **guest_topology(the_plan.layout),
+        }
+    click.echo(json.dumps(doc, indent=1))
 
 
 def main() -> None:

@@ -8,10 +8,12 @@ from typing import Any
 
 import attrs
 
-from runner import cpus
+from runner import cpus, placement
 from runner.cpus import CpuSet
 from runner.kube import PodCgroup
+from runner.placement import Layout
 from runner.spec import InstanceSpec
+from runner.topology import Host
 
 
 class PlanError(ValueError):
@@ -22,7 +24,12 @@ class PlanError(ValueError):
 class Plan:
     pod: PodCgroup
     instance_cpus: tuple[int, ...]  # ascending
-    placement: tuple[int, ...]  # placement[vcpu index] = host CPU
+    layout: Layout  # guest topology, vCPU -> host CPU, guest NUMA nodes
+
+    @property
+    def placement(self) -> tuple[int, ...]:
+        """placement[vcpu index] = host CPU"""
+        return self.layout.placement
 
 
 @attrs.frozen
@@ -37,6 +44,7 @@ def make_plan(
     pod: PodCgroup,
     container_cpus: CpuSet,
     shared: CpuSet | None,
+    host: Host,
     allow_spare_cpus: bool = False,
 ) -> Plan:
     """`shared`: the node's shared CPUs (what float is made of), or None when the node
@@ -58,8 +66,31 @@ def make_plan(
             f"({cpus.format(container_cpus)}); they must be equal"
             + ("" if spec.vcpus > n else " (or allow spare CPUs)")
         )
-    ordered = tuple(sorted(container_cpus))
-    return Plan(pod, ordered, ordered[: spec.vcpus])
+    try:
+        devices = placement.check_devices(host, [d.address for d in spec.devices])
+        layout = placement.place(
+            host,
+            container_cpus,
+            spec.vcpus,
+            spec.memory_mib,
+            mode=spec.topology,
+            numa=spec.numa,
+            hugepages=spec.memory.hugepages,
+            devices=devices,
+        )
+    except placement.PlacementError as e:
+        raise PlanError(str(e)) from None
+    return Plan(pod, tuple(sorted(container_cpus)), layout)
+
+
+def describe(layout: Layout) -> str:
+    """The guest topology in a few words, for logs: "1 socket x 2 cores x 2 threads, RAM on
+    host node 1"."""
+    shape = f"{layout.sockets}s x {layout.cores}c x {layout.threads}t"
+    if not layout.bound:
+        return f"{shape}, RAM unbound"
+    homes = ", ".join(f"{n.memory_mib} MiB on host node {n.host_node}" for n in layout.nodes)
+    return f"{shape}, {homes}"
 
 
 def match_vcpus(found: list[dict[str, Any]], placement: tuple[int, ...]) -> list[Placed]:

@@ -22,11 +22,14 @@ DiskFormat = Literal["raw", "qcow2"]
 DiskCache = Literal["none", "writeback", "writethrough", "directsync", "unsafe"]
 ShareCache = Literal["auto", "always", "none"]
 NicMode = Literal["tap", "tap-fd"]
+TopologyMode = Literal["auto", "flat"]
+NumaPolicy = Literal["strict", "prefer"]
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 _IFNAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")  # Linux IFNAMSIZ is 16 with the NUL
 _TAG = re.compile(r"^[A-Za-z0-9_.-]{1,36}$")  # virtio-fs tags are at most 36 bytes
+_PCI = re.compile(r"^(?:[0-9a-f]{4}:)?[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
 
 
 class SpecError(ValueError):
@@ -165,6 +168,20 @@ class Share:
             raise ValueError(f"share source {self.source!r} must not contain a comma")
 
 
+def _pci_address(value: object) -> str:
+    text = str(value).lower()
+    if not _PCI.match(text):
+        raise ValueError(f"PCI address {value!r} must look like 0000:65:00.0")
+    return text if text.count(":") == 2 else f"0000:{text}"
+
+
+@attrs.frozen(kw_only=True)
+class Device:
+    """A host PCI device passed through with VFIO (a GPU, an SR-IOV VF), by its address."""
+
+    address: str = attrs.field(converter=_pci_address)
+
+
 @attrs.frozen(kw_only=True)
 class Console:
     stdout: bool = True  # serial lines on the runner's stdout, prefixed
@@ -188,8 +205,18 @@ class InstanceSpec:
     nics: tuple[Nic, ...] = ()
     shares: tuple[Share, ...] = ()
     console: Console = Console()
+    devices: tuple[Device, ...] = ()
+    # auto: guest sockets, cores and threads mirror the host CPUs the pod holds, guest RAM is
+    # bound to their NUMA nodes. flat: vCPU i on the pod's i-th CPU, one unbound RAM block.
+    topology: TopologyMode = "auto"
+    # What a pod that spans NUMA nodes, holds part of a core, or has a device on another
+    # node gets: prefer runs it with a warning, strict refuses it.
+    numa: NumaPolicy = "prefer"
 
     def __attrs_post_init__(self) -> None:
+        addresses = [d.address for d in self.devices]
+        if len(set(addresses)) != len(addresses):
+            raise ValueError("device addresses must be unique")
         if self.kernel is None and (self.initrd is not None or self.cmdline is not None):
             raise ValueError("initrd and cmdline need a kernel")
         if self.boot is not None and self.kernel is not None:

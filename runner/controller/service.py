@@ -22,7 +22,8 @@ from runner.log import log
 from runner.node.cgroupfs import CgroupError, CgroupFS
 from runner.node.floatkeeper import FloatKeeper, FloatUnknown
 from runner.node.kubelet import Unknown, read_state
-from runner.node.layout import Layout, numa_nodes_of, online_cpus
+from runner.node.layout import Layout, online_cpus
+from runner.topology import read_host
 
 # A just-registered instance has no threads until its runner pins them. If kubelet lists the
 # pod, its leaving cpu_manager_state says the pod is gone; if kubelet does not (no static
@@ -72,7 +73,7 @@ class Service:
             ) from None
         self.layout = self.keeper.layout = Layout(self.cg, root)
         self.online = online_cpus()
-        mems = cpus.format(numa_nodes_of(self.online))
+        mems = cpus.format(read_host().nodes_of(self.online) or {0})
         try:
             self.cg.make_domain_root(root)
             if self.cg.read(root, "cpuset.cpus").strip() != cpus.format(self.online):
@@ -125,8 +126,7 @@ class Service:
                     if not have - wanted:
                         raise rpc.RPCError(rpc.FORBIDDEN, "no shared CPU would be left")
                     self.keeper.apply(have, have - wanted, f"register {p.uuid}")
-                self.cg.make_threaded(path, wanted)
-                self.cg.write(path, "cpuset.mems", cpus.format(numa_nodes_of(wanted)))
+                self.cg.make_threaded(path, wanted, read_host().nodes_of(wanted))
             except CgroupError as e:
                 with contextlib.suppress(OSError):
                     self.cg.dir(path).rmdir()

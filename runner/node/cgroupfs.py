@@ -87,8 +87,8 @@ class CgroupFS:
             raise CgroupError(f"cannot create {self.dir(cgroup)}: {e.strerror}") from None
         self.enable(cgroup, "cpuset")
 
-    def make_threaded(self, cgroup: str, cpu_set: CpuSet) -> None:
-        """Create (or keep) a threaded child with these CPUs."""
+    def make_threaded(self, cgroup: str, cpu_set: CpuSet, mems: CpuSet) -> None:
+        """Create (or keep) a threaded child with these CPUs and memory nodes."""
         try:
             self.dir(cgroup).mkdir()
         except FileExistsError:
@@ -98,6 +98,8 @@ class CgroupFS:
         if self.read(cgroup, "cgroup.type").strip() != "threaded":
             self.write(cgroup, "cgroup.type", "threaded")
         self.set_cpus(cgroup, cpu_set)
+        if mems:
+            self.write(cgroup, "cpuset.mems", cpus.format(mems))
 
     def set_cpus(self, cgroup: str, cpu_set: CpuSet) -> None:
         if not cpu_set:

@@ -102,7 +102,7 @@ class FloatKeeper:
         affinity it was given, so a float that grows does not reach it by itself."""
         cg, path = self.layout.cg, self.layout.float
         if current is None:
-            cg.make_threaded(path, want)
+            cg.make_threaded(path, want, frozenset())
         elif want != current:
             cg.set_cpus(path, want)
         if want != current:

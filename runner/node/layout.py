@@ -53,14 +53,6 @@ def online_cpus() -> CpuSet:
     return cpus.parse(Path("/sys/devices/system/cpu/online").read_text())
 
 
-def numa_nodes_of(cpu_set: CpuSet) -> CpuSet:
-    nodes: set[int] = set()
-    for node in Path("/sys/devices/system/node").glob("node[0-9]*"):
-        if cpus.parse((node / "cpulist").read_text()) & cpu_set:
-            nodes.add(int(node.name[4:]))
-    return frozenset(nodes) or frozenset({0})
-
-
 class Layout:
     """The root's names and a listing of its instance cgroups."""
 

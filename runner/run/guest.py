@@ -62,7 +62,8 @@ class Guest:
     ) -> None:
         """QEMU, paused. `join_cgroup`: the cgroup.procs it joins before exec (the container's,
         so that its preallocated RAM is charged to the pod)."""
-        argv = qemu_argv(self.pre.spec, self.pre.accel, wiring)
+        iso = self.pre.isolation
+        argv = qemu_argv(self.pre.spec, self.pre.accel, wiring, iso.plan.layout if iso else None)
         if resume_early:
             argv = [a for a in argv if a != "-S"]
         if join_cgroup is not None:

@@ -12,7 +12,7 @@ from typing import Literal
 
 import attrs
 
-from runner import cpus, kube, mounts, plan, spec
+from runner import cpus, kube, mounts, plan, spec, topology
 from runner.log import log
 from runner.node.cgroupfs import CgroupError, CgroupFS
 from runner.run.cgroupsource import CgroupSource, make_source
@@ -113,10 +113,14 @@ def preflight(o: Options) -> Prepared:
             container=isolation.container,
             driver=isolation.pod.driver,
             instance_cpus=cpus.format(isolation.plan.instance_cpus),
+            guest=plan.describe(isolation.plan.layout),
             accel=accel,
             mode="controller" if o.controller_socket else "embedded",
             run_dir=str(run_dir),
         )
+    if isolation is not None:
+        for warning in isolation.plan.layout.warnings:
+            log.warning("placement", detail=warning, numa=the_spec.numa)
     return pre
 
 
@@ -148,9 +152,10 @@ def isolate(o: Options, the_spec: spec.InstanceSpec) -> Isolation:
             pod,
             container_cpus,
             source.shared_cpus(),
+            topology.read_host(),
             allow_spare_cpus=o.allow_spare_cpus,
         )
-    except (kube.KubeError, plan.PlanError, CgroupError) as e:
+    except (kube.KubeError, plan.PlanError, CgroupError, topology.TopologyError) as e:
         raise StartupError(str(e)) from None
     return Isolation(cg, own, pod, the_plan, source)
 

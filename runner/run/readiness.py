@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from runner import cpus
+from runner.placement import Layout
 from runner.plan import Placed
 from runner.run.cgroupsource import Cgroups
 from runner.run.preflight import Prepared
@@ -33,6 +34,7 @@ def ready_doc(
         "float_cgroup": cgroups.float if cgroups else None,
         "float_cpus": cpus.format(cgroups.float_cpus) if cgroups else None,
         "vcpus": [{"vcpu": p.vcpu, "tid": p.tid, "cpu": p.cpu} for p in placed],
+        "guest_topology": guest_topology(iso.plan.layout) if iso else None,
         "status_at_pin": status,
         "vcpu_ticks_before_cont": ticks,
         "vcpu_cpu_ns_before_pin": unpinned_ns,
@@ -45,6 +47,25 @@ def ready_doc(
             for i, n in enumerate(pre.spec.nics)
         ],
         "timings_ms": timings,
+    }
+
+
+def guest_topology(layout: Layout) -> dict[str, Any]:
+    return {
+        "sockets": layout.sockets,
+        "cores": layout.cores,
+        "threads": layout.threads,
+        "numa_nodes": [
+            {
+                "vcpus": list(n.vcpus),
+                "memory_mib": n.memory_mib,
+                "host_node": n.host_node,
+            }
+            for n in layout.nodes
+        ],
+        "mems": cpus.format(layout.mems),
+        "device_nodes": list(layout.device_nodes),
+        "warnings": list(layout.warnings),
     }
 
 

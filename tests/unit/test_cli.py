@@ -1,10 +1,14 @@
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+
+from . import sysfs
 
 
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -62,3 +66,28 @@ def test_spec_from_the_environment(tmp_path: object) -> None:
 def test_version() -> None:
     r = cli("--version")
     assert r.returncode == 0 and "instance-runner" in r.stdout
+
+
+def test_topology_shows_the_host_and_a_pods_plan(tmp_path: Path) -> None:
+    snap = sysfs.recorded("testvm-2s2c2t")
+    for key, value in snap.items():
+        if not value.startswith("-> "):
+            (tmp_path / key).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / key).write_text(value + "\n")
+    spec = tmp_path / "spec.json"
+    spec.write_text('{"name": "vm", "vcpus": 4, "memory_mib": 512}')
+    r = cli("topology", "--sysfs", str(tmp_path), "--cpus", "4-7", "--spec", str(spec))
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["nodes"]["1"] == {"cpus": "4-7", "cores": ["4-5", "6-7"], "distances": [20, 10]}
+    plan = doc["plan"]
+    assert (plan["sockets"], plan["cores"], plan["threads"]) == (1, 2, 2)
+    assert plan["numa_nodes"] == [{"vcpus": [0, 1, 2, 3], "memory_mib": 512, "host_node": 1}]
+    r = cli("topology", "--sysfs", str(tmp_path), "--cpus", "3-4", "--spec", str(spec))
+    assert r.returncode == 1
+    assert r.stderr == (
+        "instance-runner: the spec asks for 4 vCPUs but the pod has 2 dedicated CPUs (3-4); "
+        "they must be equal\n"
+    )
+    r = cli("topology", "--sysfs", str(tmp_path / "bus"))
+    assert r.returncode == 1 and "not a sysfs mount" in r.stderr

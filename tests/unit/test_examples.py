@@ -8,12 +8,32 @@ from pathlib import Path
 
 import pytest
 
-from runner import spec
+from runner import placement, spec, topology
 from runner.argv import Wiring, dnsmasq_argv, qemu_argv, virtiofsd_argv
+
+from . import sysfs
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((REPO / "docs" / "examples").glob("*.json"))
 GOLDEN = Path(__file__).with_name("golden")
+# Two sockets of 4 cores x 2 threads (siblings n, n+8), a GPU for VFIO on node 1; the pod
+# holds node 1's first CPUs, whole cores first.
+HOST = topology.parse(sysfs.host(2, 4, 2, devices={"0000:65:00.0": sysfs.gpu(1, 30)}))
+
+
+def layout(s: spec.InstanceSpec) -> placement.Layout:
+    pod = placement.choose(HOST, HOST.cpus_of_node(1), s.vcpus)
+    devices = placement.check_devices(HOST, [d.address for d in s.devices])
+    return placement.place(
+        HOST,
+        pod,
+        s.vcpus,
+        s.memory_mib,
+        mode=s.topology,
+        numa=s.numa,
+        hugepages=s.memory.hugepages,
+        devices=devices,
+    )
 
 
 def command_lines(s: spec.InstanceSpec) -> str:
@@ -24,7 +44,11 @@ def command_lines(s: spec.InstanceSpec) -> str:
         nic_fds=tuple(10 + i for i in range(len(s.nics))),
         share_sockets=tuple(f"/run/instance-runner/fs{i}.sock" for i in range(len(s.shares))),
     )
-    blocks = [("qemu", qemu_argv(s, "kvm" if s.accel == "kvm" else "tcg", wiring))]
+    accel = "kvm" if s.accel == "kvm" else "tcg"
+    blocks = [
+        ("qemu, isolated", qemu_argv(s, accel, wiring, layout(s))),
+        ("qemu, isolation off", qemu_argv(s, accel, wiring)),
+    ]
     for i, nic in enumerate(s.nics):
         if nic.mode == "tap":
             blocks.append((f"dnsmasq {i}", dnsmasq_argv(s, i)))

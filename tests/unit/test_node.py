@@ -110,7 +110,9 @@ def test_stale_is_threadless_and_gone_from_kubelet() -> None:
 class TreeFS(CgroupFS):
     """cgroupfs as plain files: a new cgroup gets the files the keeper reads."""
 
-    def make_threaded(self, cgroup: str, cpu_set: cpus.CpuSet) -> None:
+    def make_threaded(
+        self, cgroup: str, cpu_set: cpus.CpuSet, mems: cpus.CpuSet = frozenset()
+    ) -> None:
         d = self.dir(cgroup)
         d.mkdir(exist_ok=True)
         for name in ("cgroup.threads", "cgroup.procs", "cpuset.cpus"):

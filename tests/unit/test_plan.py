@@ -2,12 +2,15 @@ from __future__ import annotations
 
 import pytest
 
-from runner import kube, plan, spec
+from runner import kube, plan, spec, topology
 from runner.argv import Wiring, qemu_argv
+
+from . import sysfs
 
 UID = "0a1b2c3d-1111-2222-3333-444455556666"
 POD = kube.parse_pod_cgroup(f"/kubepods/pod{UID}/{'c' * 64}")
 ONLINE = frozenset(range(8))
+HOST = topology.parse(sysfs.host(1, 8, 1))  # one node, no SMT: the map is the CPU order
 
 
 def mkspec(vcpus: int, **kw: object) -> spec.InstanceSpec:
@@ -15,13 +18,13 @@ def mkspec(vcpus: int, **kw: object) -> spec.InstanceSpec:
 
 
 def test_vcpus_take_the_pod_cpus_in_order() -> None:
-    p = plan.make_plan(mkspec(3), POD, frozenset({6, 2, 4}), frozenset({0, 1, 3, 5, 7}))
+    p = plan.make_plan(mkspec(3), POD, frozenset({6, 2, 4}), frozenset({0, 1, 3, 5, 7}), HOST)
     assert p.instance_cpus == (2, 4, 6)
     assert p.placement == (2, 4, 6)
 
 
 def test_controller_mode_leaves_the_shared_check_to_the_controller() -> None:
-    p = plan.make_plan(mkspec(2), POD, frozenset({2, 3}), None)
+    p = plan.make_plan(mkspec(2), POD, frozenset({2, 3}), None, HOST)
     assert p.placement == (2, 3)
 
 
@@ -37,16 +40,18 @@ def test_controller_mode_leaves_the_shared_check_to_the_controller() -> None:
 )
 def test_refusals(vcpus: int, pod_cpus: set[int], shared: set[int], message: str) -> None:
     with pytest.raises(plan.PlanError, match=message):
-        plan.make_plan(mkspec(vcpus), POD, frozenset(pod_cpus), frozenset(shared))
+        plan.make_plan(mkspec(vcpus), POD, frozenset(pod_cpus), frozenset(shared), HOST)
 
 
 def test_shared_overlap_is_checked_before_the_rest() -> None:
     with pytest.raises(plan.PlanError, match="are shared CPUs"):
-        plan.make_plan(mkspec(2), POD, frozenset({0, 1}), frozenset({1, 2}))
+        plan.make_plan(mkspec(2), POD, frozenset({0, 1}), frozenset({1, 2}), HOST)
 
 
 def test_spare_cpus_when_allowed() -> None:
-    p = plan.make_plan(mkspec(1), POD, frozenset({3, 4}), frozenset({0}), allow_spare_cpus=True)
+    p = plan.make_plan(
+        mkspec(1), POD, frozenset({3, 4}), frozenset({0}), HOST, allow_spare_cpus=True
+    )
     assert p.placement == (3,)
     assert p.instance_cpus == (3, 4)
 
