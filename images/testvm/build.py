@@ -30,6 +30,8 @@ WANTED_MODULES = [
     "9p",  # ... for the host's root file system
     "overlay",  # the writable root over it
     "tun",  # /dev/net/tun for the jobs
+    "vfio_pci",  # PCI passthrough tests (--pci-device-node) ...
+    "vfio_iommu_type1",  # ... and the IOMMU backend vfio only soft-depends on
 ]
 
 SERIES = ("6.1", "6.12")

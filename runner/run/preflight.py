@@ -3,6 +3,7 @@ frozen: the steps after it only act on what was decided."""
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import shutil
@@ -12,7 +13,7 @@ from typing import Literal
 
 import attrs
 
-from runner import cpus, kube, mounts, plan, spec, topology
+from runner import cpus, kube, mounts, placement, plan, spec, topology
 from runner.log import log
 from runner.node.cgroupfs import CgroupError, CgroupFS
 from runner.run.cgroupsource import CgroupSource, make_source
@@ -78,7 +79,11 @@ def preflight(o: Options) -> Prepared:
                 f"dnsmasq binary {o.dnsmasq!r} not found (needed by the spec's tap nics)"
             )
     virtiofsd, flavour = find_virtiofsd(o.virtiofsd) if the_spec.shares else ("", "c")
-    isolation = isolate(o, the_spec) if o.isolation == "on" else None
+    host = read_host() if o.isolation == "on" or the_spec.devices else None
+    if the_spec.devices:
+        assert host is not None
+        check_vfio(host, the_spec)
+    isolation = isolate(o, the_spec, host) if host is not None and o.isolation == "on" else None
     name = isolation.pod.pod_uid if isolation is not None else the_spec.name
     run_dir = Path(o.run_dir) if o.run_dir else Path(RUN_DIR_BASE) / name
     if the_spec.shares:
@@ -124,7 +129,30 @@ def preflight(o: Options) -> Prepared:
     return pre
 
 
-def isolate(o: Options, the_spec: spec.InstanceSpec) -> Isolation:
+def read_host() -> topology.Host:
+    try:
+        return topology.read_host()
+    except topology.TopologyError as e:
+        raise StartupError(str(e)) from None
+
+
+def check_vfio(host: topology.Host, the_spec: spec.InstanceSpec) -> None:
+    """Each device usable by VFIO: bound to vfio-pci with its whole group, and its group's
+    /dev/vfio node there for QEMU (the device plugin's job in a pod) and not in use."""
+    try:
+        found = placement.check_devices(host, [d.address for d in the_spec.devices])
+    except placement.PlacementError as e:
+        raise StartupError(str(e)) from None
+    for dev in found:
+        path = f"/dev/vfio/{dev.iommu_group}"
+        try:
+            os.close(os.open(path, os.O_RDWR | os.O_CLOEXEC))
+        except OSError as e:
+            why = "in use by another process" if e.errno == errno.EBUSY else e.strerror
+            raise StartupError(f"device {dev.address}: cannot open {path}: {why}") from None
+
+
+def isolate(o: Options, the_spec: spec.InstanceSpec, host: topology.Host) -> Isolation:
     cg = CgroupFS(o.cgroup_mount)
     try:
         cg.check_v2_cpuset()
@@ -152,10 +180,10 @@ def isolate(o: Options, the_spec: spec.InstanceSpec) -> Isolation:
             pod,
             container_cpus,
             source.shared_cpus(),
-            topology.read_host(),
+            host,
             allow_spare_cpus=o.allow_spare_cpus,
         )
-    except (kube.KubeError, plan.PlanError, CgroupError, topology.TopologyError) as e:
+    except (kube.KubeError, plan.PlanError, CgroupError) as e:
         raise StartupError(str(e)) from None
     return Isolation(cg, own, pod, the_plan, source)
 

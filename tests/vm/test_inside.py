@@ -20,9 +20,13 @@ INSIDE = [
     # TCG inside TCG: a real guest needs minutes here. One run proves the whole chain isolated.
     pytest.param("test_guest_smoke.py", ["--cpus", "4", "--memory", "3072"], [], id="guest-smoke"),
     pytest.param("test_faults.py", ["--cpus", "4"], [], id="faults"),
-    # Two NUMA nodes of two cores with two hyperthreads: node0 = CPUs 0-3, node1 = 4-7.
+    # Two NUMA nodes of two cores with two hyperthreads (node0 = CPUs 0-3, node1 = 4-7), and
+    # an emulated NIC behind an IOMMU on node 1 for VFIO.
     pytest.param(
-        "test_topology.py", ["--topology", "sockets=2,cores=2,threads=2"], [], id="topology"
+        "test_topology.py",
+        ["--topology", "sockets=2,cores=2,threads=2", "--pci-device-node", "1"],
+        [],
+        id="topology",
     ),
     # 6.2+ keeps a thread's requested affinity across cpuset changes: float growing under
     # running threads is proven again on 6.12.

@@ -9,11 +9,12 @@ import json
 import os
 import re
 import signal
+import socket
 from pathlib import Path
 
 import pytest
 
-from .conftest import Node
+from .conftest import Node, wait_for
 from .pods import (
     INSTANCES,
     assert_nothing_left,
@@ -149,3 +150,117 @@ def test_flat_keeps_one_unbound_block(node: Node, tmp_path: Path) -> None:
     assert not ram_mappings(qemu, 64)
     assert (INSTANCES / f"instance-{rp.pod.uid}" / "cpuset.mems").read_text().strip() == "1"
     finish(rp)
+
+
+# --- PCI passthrough: an emulated NIC on node 1 (scripts/testvm --pci-device-node 1) ---------
+
+
+@pytest.fixture
+def device() -> str:
+    """The emulated NIC on node 1, bound to vfio-pci: its PCI address."""
+    found = [
+        d
+        for d in Path("/sys/bus/pci/devices").iterdir()
+        if (d / "class").read_text().strip() == "0x020000"
+        and (d / "numa_node").read_text().strip() == "1"
+    ]
+    if not found:
+        pytest.skip("needs scripts/testvm --pci-device-node 1")
+    (dev,) = found
+    if not (dev / "driver").exists():
+        (dev / "driver_override").write_text("vfio-pci")
+        Path("/sys/bus/pci/drivers_probe").write_text(dev.name)
+    assert os.path.basename(os.readlink(dev / "driver")) == "vfio-pci"
+    return dev.name
+
+
+def qmp(path: str, *commands: dict) -> list[object]:
+    """A second QMP monitor of the runner's QEMU (from the spec's extra_args), for probing."""
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(60)
+        s.connect(path)
+        reader = s.makefile("r")
+        json.loads(reader.readline())  # the greeting
+        answers = []
+        for command in ({"execute": "qmp_capabilities"}, *commands):
+            s.sendall(json.dumps(command).encode() + b"\n")
+            while "return" not in (answer := json.loads(reader.readline())):
+                assert "error" not in answer, answer
+            answers.append(answer["return"])
+        return answers[1:]
+
+
+def find_pci(buses: list[dict], qdev_id: str, path: tuple = ()) -> tuple | None:
+    """(bus numbers and bridges down to the device) for a device in query-pci's answer."""
+    for bus in buses:
+        for dev in bus["devices"]:
+            here = (*path, bus["bus"], dev["qdev_id"])
+            if dev["qdev_id"] == qdev_id:
+                return here
+            below = dev.get("pci_bridge", {}).get("devices")
+            if below:
+                got = find_pci(
+                    [{"bus": dev["pci_bridge"]["bus"]["secondary"], "devices": below}],
+                    qdev_id,
+                    here,
+                )
+                if got:
+                    return got
+    return None
+
+
+def test_a_device_on_node_1_is_passed_through_on_the_guest_node_of_node_1(
+    node: Node, tmp_path: Path, device: str
+) -> None:
+    probe = f"/run/probe-{os.getpid()}.qmp"  # short: a Unix socket path
+    spec = write_spec(
+        tmp_path,
+        vcpus=4,
+        memory_mib=64,
+        devices=[{"address": device}],
+        numa="strict",
+        extra_args=["-qmp", f"unix:{probe},server=on,wait=off"],
+    )
+    rp = start_runner(node, tmp_path, "4-7", spec=spec)
+    ready = rp.wait_ready()
+    assert ready["guest_topology"]["device_nodes"] == [0]  # guest node 0 mirrors host node 1
+    qemu = pod_process(rp, "qemu-system")
+    group = os.path.basename(os.readlink(f"/sys/bus/pci/devices/{device}/iommu_group"))
+    held = {os.readlink(f"/proc/{qemu}/fd/{fd}") for fd in os.listdir(f"/proc/{qemu}/fd")}
+    assert any(h.endswith(f"/dev/vfio/{group}") for h in held), held  # chroot-prefixed here
+    # The firmware numbers the buses once the guest runs: then query-pci shows the device
+    # behind its root port on the expander bridge, whose NUMA node is guest node 0.
+    where = wait_for(
+        lambda: find_pci(qmp(probe, {"execute": "query-pci"})[0], "dev0"),  # type: ignore[arg-type]
+        timeout=180,
+        what="the passed-through device in query-pci",
+    )
+    assert where[1:] == ("rp0", where[2], "dev0") and where[0] == 64, where
+    (numa,) = qmp(
+        probe,
+        {
+            "execute": "qom-get",
+            "arguments": {"path": "/machine/peripheral/pxb0", "property": "numa_node"},
+        },
+    )
+    assert numa == 0
+    finish(rp)
+
+
+def test_a_device_on_another_node_than_the_vcpus(node: Node, tmp_path: Path, device: str) -> None:
+    rp = run_pod(node, tmp_path, "0-3", devices=[{"address": device}], numa="strict")
+    code, err = rp.finish()
+    assert code == 1
+    (line,) = [json.loads(x) for x in err.splitlines() if '"level": "error"' in x]
+    assert f"device {device} is on NUMA node 1, the vCPUs on 0" in str(line)
+    assert_nothing_left(rp.pod.uid)
+
+    prefer = tmp_path / "prefer"
+    prefer.mkdir()
+    rp = run_pod(node, prefer, "0-3", devices=[{"address": device}])
+    ready = rp.wait_ready()
+    assert ready["guest_topology"]["device_nodes"] == [None]
+    err = finish(rp)
+    assert any(
+        f"device {device} is on NUMA node 1" in w["detail"] for w in events(err, "placement")
+    )
