@@ -96,6 +96,22 @@ def debian61(tmp_path: Path) -> Path:
             ],
             "kernel/fs/overlayfs/overlay.ko": [],
             "kernel/drivers/net/tun.ko": [],
+            # As `modinfo -F depends` gives them for 6.1.0-57 (file names with dashes).
+            "kernel/virt/lib/irqbypass.ko": [],
+            "kernel/drivers/vfio/vfio.ko": [],
+            "kernel/drivers/vfio/vfio_virqfd.ko": [],
+            "kernel/drivers/vfio/pci/vfio-pci-core.ko": [
+                "kernel/drivers/vfio/vfio.ko",
+                "kernel/drivers/vfio/vfio_virqfd.ko",
+                "kernel/virt/lib/irqbypass.ko",
+            ],
+            "kernel/drivers/vfio/pci/vfio-pci.ko": [
+                "kernel/drivers/vfio/pci/vfio-pci-core.ko",
+                "kernel/drivers/vfio/vfio.ko",
+                "kernel/drivers/vfio/vfio_virqfd.ko",
+                "kernel/virt/lib/irqbypass.ko",
+            ],
+            "kernel/drivers/vfio/vfio_iommu_type1.ko": ["kernel/drivers/vfio/vfio.ko"],
         },
         builtin=["kernel/mm/zbud.ko"],
         modinfo=["zbud.alias=zpool-zbud", "zbud.license=GPL"],
@@ -119,6 +135,18 @@ def debian612(tmp_path: Path) -> Path:
             "kernel/fs/9p/9p.ko.xz": [p9net, netfs],
             "kernel/fs/overlayfs/overlay.ko.xz": [],
             "kernel/drivers/net/tun.ko.xz": [],
+            "kernel/virt/lib/irqbypass.ko.xz": [],
+            "kernel/drivers/vfio/vfio.ko.xz": [],
+            "kernel/drivers/vfio/pci/vfio-pci-core.ko.xz": [
+                "kernel/drivers/vfio/vfio.ko.xz",
+                "kernel/virt/lib/irqbypass.ko.xz",
+            ],
+            "kernel/drivers/vfio/pci/vfio-pci.ko.xz": [
+                "kernel/drivers/vfio/pci/vfio-pci-core.ko.xz",
+                "kernel/drivers/vfio/vfio.ko.xz",
+                "kernel/virt/lib/irqbypass.ko.xz",
+            ],
+            "kernel/drivers/vfio/vfio_iommu_type1.ko.xz": ["kernel/drivers/vfio/vfio.ko.xz"],
         },
         builtin=[
             f"{V}virtio_ring.ko",
@@ -168,6 +196,12 @@ def test_the_testvm_list_on_61_loads_virtio_and_a_separate_fscache(debian61: Pat
         "9p",
         "overlay",
         "tun",
+        "irqbypass",
+        "vfio_virqfd",
+        "vfio",
+        "vfio_pci_core",
+        "vfio_pci",
+        "vfio_iommu_type1",
     ]
     assert_load_order(debian61, order)
     assert {p.how for p in provided} == {"module"}
@@ -184,6 +218,11 @@ def test_the_testvm_list_on_612_skips_built_in_virtio_and_needs_no_fscache(
         "kernel/fs/9p/9p.ko.xz",
         "kernel/fs/overlayfs/overlay.ko.xz",
         "kernel/drivers/net/tun.ko.xz",
+        "kernel/virt/lib/irqbypass.ko.xz",
+        "kernel/drivers/vfio/vfio.ko.xz",
+        "kernel/drivers/vfio/pci/vfio-pci-core.ko.xz",
+        "kernel/drivers/vfio/pci/vfio-pci.ko.xz",
+        "kernel/drivers/vfio/vfio_iommu_type1.ko.xz",
     ]
     assert_load_order(debian612, order)
     how = {p.wanted: p.describe() for p in provided}
