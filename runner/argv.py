@@ -150,7 +150,8 @@ def _memory(spec: InstanceSpec, layout: Layout | None) -> list[str]:
     for i, node in enumerate(layout.nodes):
         # bind, not preferred: a guest node's RAM never silently lands on another host node.
         parts = props(f"mem{i}", node.memory_mib, len(node.vcpus))
-        parts.append(f"host-nodes={node.host_node},policy=bind")
+        if node.host_node is not None:
+            parts.append(f"host-nodes={node.host_node},policy=bind")
         ranges = ",".join(f"cpus={r}" for r in cpus.format(node.vcpus).split(","))
         argv += [
             "-object",
@@ -174,10 +175,10 @@ def _devices(spec: InstanceSpec, layout: Layout | None) -> list[str]:
             bus = f"pxb{node}"
             if node not in bridges:
                 bridges.add(node)
-                # Bus numbers apart from pcie.0's and each other's, room for the ports.
+                # Bus numbers above pcie.0's, 16 apart: room for each expander's ports.
                 argv += [
                     "-device",
-                    f"pxb-pcie,id=pxb{node},bus_nr={64 + 32 * node},numa_node={node},bus=pcie.0",
+                    f"pxb-pcie,id=pxb{node},bus_nr={128 + 16 * node},numa_node={node},bus=pcie.0",
                 ]
         argv += [
             "-device",

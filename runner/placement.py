@@ -25,6 +25,8 @@ from runner.topology import Host, PciDevice
 
 PAGE_MIB = {"none": 1, "2M": 2, "1G": 1024}
 VFIO_DRIVER = "vfio-pci"
+HARMLESS_DRIVERS = (None, VFIO_DRIVER, "pci-stub")  # what VFIO lets share a device's group
+MAX_DEVICE_NODES = 8  # guest nodes with a device: bus_nr 128 + 16 * node must fit a byte
 PCI_BRIDGE_CLASS = 0x0604  # class >> 8
 
 
@@ -36,7 +38,7 @@ class PlacementError(ValueError):
 class GuestNode:
     vcpus: tuple[int, ...]  # guest vCPU indexes, ascending
     memory_mib: int
-    host_node: int | None  # None: RAM not bound (flat)
+    host_node: int | None  # where its RAM is bound; None: not bound (one node, or flat)
 
 
 @attrs.frozen
@@ -114,7 +116,7 @@ def check_devices(host: Host, addresses: Sequence[str]) -> list[PciDevice]:
             )
         for other in host.group(dev.iommu_group):
             bridge = other.pci_class is not None and other.pci_class >> 8 == PCI_BRIDGE_CLASS
-            if other.driver not in (None, VFIO_DRIVER) and not bridge:
+            if other.driver not in HARMLESS_DRIVERS and not bridge:
                 raise PlacementError(
                     f"device {address}: IOMMU group {dev.iommu_group} also holds "
                     f"{other.address} (bound to {other.driver}); every device of the group "
@@ -153,7 +155,7 @@ def place(
             partners = frozenset().union(*(host.cpus[c].siblings for c in broken)) - chosen
             problems.append(
                 f"CPUs {cpus.format(broken)} are part of cores whose other hyperthreads "
-                f"({cpus.format(partners)}) the pod does not hold: the guest gets one thread "
+                f"({cpus.format(partners)}) are not the VM's: the guest gets one thread "
                 "per core"
             )
     for dev in devices:
@@ -164,7 +166,7 @@ def place(
             )
     if numa == "strict" and problems:
         raise PlacementError("numa strict: " + "; ".join(problems))
-    mems = frozenset(nodes)
+    mems = host.mems_of(chosen)
     if mode == "flat":
         ordered = tuple(sorted(chosen))
         return Layout(1, vcpus, 1, ordered, (), mems, (None,) * len(devices), tuple(problems))
@@ -177,11 +179,19 @@ def place(
     # with several nodes per socket are.
     sockets = len(nodes) if len(set(per_node)) == 1 else 1
     memory = split_memory(memory_mib, per_node, PAGE_MIB[hugepages])
+    # A host with one memory node has nowhere else to put RAM: binding it would only add
+    # ways to fail (a kernel or QEMU without NUMA support).
+    single = len({host.memory_node(n) for n in host.nodes}) == 1
     guest_nodes, first = [], 0
     for n, count, mib in zip(nodes, per_node, memory, strict=True):
-        guest_nodes.append(GuestNode(tuple(range(first, first + count)), mib, n))
+        home = None if single else host.memory_node(n)
+        guest_nodes.append(GuestNode(tuple(range(first, first + count)), mib, home))
         first += count
     device_nodes = tuple(nodes.index(d.node) if d.node in nodes else None for d in devices)
+    if any(g is not None and g >= MAX_DEVICE_NODES for g in device_nodes):
+        raise PlacementError(
+            f"devices on guest NUMA node {MAX_DEVICE_NODES} or above are not supported"
+        )
     return Layout(
         sockets=sockets,
         cores=vcpus // threads // sockets,

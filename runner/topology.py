@@ -61,6 +61,9 @@ class Host:
     cpus: Mapping[int, Cpu]
     distances: Mapping[int, tuple[int, ...]]  # node -> its row of the distance table
     devices: Mapping[str, PciDevice] = attrs.field(factory=dict)
+    # Nodes with memory (has_memory); None: not said, every node has some. A node of CPUs
+    # without memory (some SNC/NPS set-ups, cloud VMs) can be neither bound to nor in mems.
+    with_memory: CpuSet | None = None
 
     @property
     def online(self) -> CpuSet:
@@ -75,8 +78,21 @@ class Host:
         return any(len(c.siblings) > 1 for c in self.cpus.values())
 
     def nodes_of(self, cpu_set: Iterable[int]) -> CpuSet:
-        """The NUMA nodes these CPUs sit on: what an instance cgroup's cpuset.mems must be."""
+        """The NUMA nodes these CPUs sit on."""
         return frozenset(self.cpus[c].node for c in cpu_set if c in self.cpus)
+
+    def memory_node(self, node: int) -> int:
+        """Where memory local to `node` lives: itself, or for a node without memory the
+        nearest node with some (by distance, then number)."""
+        if self.with_memory is None or node in self.with_memory or not self.with_memory:
+            return node
+        row = self.distances.get(node, ())
+        return min(self.with_memory, key=lambda m: (row[m] if m < len(row) else 255, m))
+
+    def mems_of(self, cpu_set: Iterable[int]) -> CpuSet:
+        """The memory nodes local to these CPUs: what an instance cgroup's cpuset.mems must
+        be (the runner's and the controller's one rule)."""
+        return frozenset(self.memory_node(n) for n in self.nodes_of(cpu_set))
 
     def cpus_of_node(self, node: int) -> CpuSet:
         return frozenset(c.id for c in self.cpus.values() if c.node == node)
@@ -89,6 +105,15 @@ class Host:
 def parse(snap: Mapping[str, str]) -> Host:
     """A `Host` from a snapshot. CPUs are the online ones; a kernel without NUMA (no node
     directories) puts them all on node 0."""
+    try:
+        return _parse(snap)
+    except (ValueError, IndexError) as e:
+        if isinstance(e, TopologyError):
+            raise
+        raise TopologyError(f"unreadable sysfs topology: {e}") from None
+
+
+def _parse(snap: Mapping[str, str]) -> Host:
     try:
         online = cpus.parse(snap["devices/system/cpu/online"])
     except KeyError:
@@ -129,17 +154,29 @@ def parse(snap: Mapping[str, str]) -> Host:
             node=_node(f.get("numa_node")),
             iommu_group=int(f["iommu_group"].removeprefix(LINK)) if "iommu_group" in f else None,
             driver=f["driver"].removeprefix(LINK) if "driver" in f else None,
-            pci_class=int(f["class"], 16) if "class" in f else None,
+            pci_class=_class(f.get("class")),
         )
         for a, f in sorted(pci.items())
     }
-    return Host(table, distances, devices)
+    memory = snap.get("devices/system/node/has_memory")
+    return Host(table, distances, devices, cpus.parse(memory) if memory is not None else None)
 
 
 def _node(text: str | None) -> int | None:
-    if text is None or int(text) < 0:
+    """A device's numa_node; -1 (firmware does not say) or anything odd is None: one strange
+    device must not stop the host from being read."""
+    try:
+        node = int(text or "-1")
+    except ValueError:
         return None
-    return int(text)
+    return node if node >= 0 else None
+
+
+def _class(text: str | None) -> int | None:
+    try:
+        return int(text, 16) if text else None
+    except ValueError:
+        return None
 
 
 def record(sysfs: str | Path = "/sys") -> Snapshot:
@@ -161,6 +198,7 @@ def record(sysfs: str | Path = "/sys") -> Snapshot:
     for cpu in sorted(root.glob("devices/system/cpu/cpu[0-9]*")):
         for name in ("core_id", "physical_package_id", "thread_siblings_list"):
             take(cpu / "topology" / name)
+    take(root / "devices/system/node/has_memory")
     for node in sorted(root.glob("devices/system/node/node[0-9]*")):
         take(node / "cpulist")
         take(node / "distance")

@@ -3,6 +3,12 @@ from __future__ import annotations
 import os
 
 import pytest
+from hypothesis import settings
+
+# Property tests share the machine with test VMs (two workers, two cores): a per-example
+# deadline would fail them on load, not on a bug.
+settings.register_profile("shared-machine", deadline=None)
+settings.load_profile("shared-machine")
 
 # tests/vm/inside/ runs inside the test VM (root, pure cgroup v2); on the host it is driven
 # by tests/vm/test_inside.py, never collected directly.

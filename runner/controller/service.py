@@ -23,7 +23,7 @@ from runner.node.cgroupfs import CgroupError, CgroupFS
 from runner.node.floatkeeper import FloatKeeper, FloatUnknown
 from runner.node.kubelet import Unknown, read_state
 from runner.node.layout import Layout, online_cpus
-from runner.topology import read_host
+from runner.topology import TopologyError, read_host
 
 # A just-registered instance has no threads until its runner pins them. If kubelet lists the
 # pod, its leaving cpu_manager_state says the pod is gone; if kubelet does not (no static
@@ -73,7 +73,11 @@ class Service:
             ) from None
         self.layout = self.keeper.layout = Layout(self.cg, root)
         self.online = online_cpus()
-        mems = cpus.format(read_host().nodes_of(self.online) or {0})
+        try:
+            host = read_host()
+        except TopologyError as e:
+            raise ControllerError(str(e)) from None
+        mems = cpus.format(host.with_memory or host.mems_of(self.online) or {0})
         try:
             self.cg.make_domain_root(root)
             if self.cg.read(root, "cpuset.cpus").strip() != cpus.format(self.online):
@@ -126,8 +130,8 @@ class Service:
                     if not have - wanted:
                         raise rpc.RPCError(rpc.FORBIDDEN, "no shared CPU would be left")
                     self.keeper.apply(have, have - wanted, f"register {p.uuid}")
-                self.cg.make_threaded(path, wanted, read_host().nodes_of(wanted))
-            except CgroupError as e:
+                self.cg.make_threaded(path, wanted, read_host().mems_of(wanted))
+            except (CgroupError, TopologyError) as e:
                 with contextlib.suppress(OSError):
                     self.cg.dir(path).rmdir()
                 raise rpc.RPCError(rpc.INTERNAL_ERROR, str(e)) from None

@@ -86,7 +86,7 @@ class Embedded:
                     f"instance cgroup {instance} is already in use by another runner"
                 )
             self._made = instance  # ours from here on, even if the next writes fail
-            self.cg.make_threaded(instance, own, read_host().nodes_of(own))
+            self.cg.make_threaded(instance, own, read_host().mems_of(own))
         except FloatUnknown as e:
             raise StartupError(f"cannot make the float cgroup: {e}") from None
         except (CgroupError, TopologyError) as e:

@@ -66,6 +66,22 @@ def test_strict_refuses_half_cores_and_spans_naming_cpus_and_nodes() -> None:
         place(NO_SMT, parse("3-4"), 2, 64, numa="strict")
 
 
+def test_one_node_hosts_leave_ram_unbound() -> None:
+    lay = place(ADJACENT, parse("2-5"), 4, 64)
+    assert lay.nodes == (GuestNode((0, 1, 2, 3), 64, None),) and lay.mems == {0}
+
+
+def test_a_node_without_memory_binds_to_the_nearest_node_with_some() -> None:
+    # Four nodes; node 1 has CPUs but no memory. Nearest with memory: node 0 (12 < 32).
+    snap = sysfs.host(2, 8, 2, nodes_per_package=2) | {"devices/system/node/has_memory": "0,2-3"}
+    host = topology.parse(snap)
+    assert host.memory_node(1) == 0 and host.memory_node(2) == 2
+    pod = host.cpus_of_node(1)
+    lay = place(host, pod, len(pod), 256)
+    assert [n.host_node for n in lay.nodes] == [0]
+    assert lay.mems == host.mems_of(pod) == {0}
+
+
 def test_no_smt_host() -> None:
     lay = place(NO_SMT, parse("4-7"), 4, 64)
     assert (lay.sockets, lay.cores, lay.threads) == (1, 4, 1) and not lay.warnings
@@ -145,9 +161,9 @@ def test_device_refusals(devices: dict[str, dict[str, str]], message: str) -> No
         placement.check_devices(host, ["0000:65:00.0"])
 
 
-def test_a_group_may_hold_bridges_and_driverless_devices() -> None:
+def test_a_group_may_hold_bridges_and_driverless_or_stubbed_devices() -> None:
     bridge = {"iommu_group": "-> 3", "driver": "-> pcieport", "class": "0x060400"}
-    idle = {"iommu_group": "-> 3", "class": "0x040300"}
+    idle = {"iommu_group": "-> 3", "class": "0x040300", "driver": "-> pci-stub"}
     host = topology.parse(
         sysfs.host(
             1,
@@ -171,9 +187,13 @@ def test_invariants(host: topology.Host, data: st.DataObject) -> None:
     assert sorted(lay.placement) == sorted(pod)
     assert lay.sockets * lay.cores * lay.threads == len(pod)
     assert sum(n.memory_mib for n in lay.nodes) == 64 * len(pod)
-    assert {n.host_node for n in lay.nodes} == lay.mems == host.nodes_of(pod)
-    for node in lay.nodes:  # each guest node's vCPUs run on its host node
-        assert {host.cpus[lay.placement[v]].node for v in node.vcpus} == {node.host_node}
+    assert lay.mems == host.nodes_of(pod)
+    if len(host.nodes) == 1:  # nowhere else for RAM to go: not bound
+        assert [n.host_node for n in lay.nodes] == [None]
+    else:
+        assert {n.host_node for n in lay.nodes} == lay.mems
+        for node in lay.nodes:  # each guest node's vCPUs run on its host node
+            assert {host.cpus[lay.placement[v]].node for v in node.vcpus} == {node.host_node}
     # Guest siblings are host siblings, and never shown where the host has none.
     t = lay.threads
     for core in range(len(pod) // t):

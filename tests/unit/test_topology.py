@@ -101,3 +101,15 @@ def test_the_recorded_test_vm_is_what_the_fixtures_model() -> None:
     model = topology.parse(sysfs.host(2, 2, 2, numbering="adjacent"))
     assert h.cpus == model.cpus
     assert h.distances == {0: (10, 20), 1: (20, 10)}
+
+
+def test_unreadable_topology_is_one_error_and_odd_devices_are_unknown() -> None:
+    snap = sysfs.host(1, 2, 1) | {"devices/system/cpu/cpu0/topology/core_id": "x"}
+    with pytest.raises(topology.TopologyError, match="CPU 0: unreadable topology"):
+        topology.parse(snap)
+    snap = sysfs.host(1, 2, 1) | {"devices/system/node/node0/cpulist": "0-"}
+    with pytest.raises(topology.TopologyError, match="unreadable sysfs topology"):
+        topology.parse(snap)
+    odd = {"numa_node": "", "class": "zz"}
+    dev = topology.parse(sysfs.host(1, 2, 1, devices={"0000:01:00.0": odd})).devices
+    assert (dev["0000:01:00.0"].node, dev["0000:01:00.0"].pci_class) == (None, None)

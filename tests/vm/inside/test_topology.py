@@ -235,7 +235,7 @@ def test_a_device_on_node_1_is_passed_through_on_the_guest_node_of_node_1(
         timeout=180,
         what="the passed-through device in query-pci",
     )
-    assert where[1:] == ("rp0", where[2], "dev0") and where[0] == 64, where
+    assert where[1:] == ("rp0", where[2], "dev0") and where[0] == 128, where
     (numa,) = qmp(
         probe,
         {
