@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from runner import placement, spec, topology
+from runner import kube, placement, plan, spec, topology
 from runner.argv import Wiring, dnsmasq_argv, qemu_argv, virtiofsd_argv
 
 from . import sysfs
@@ -21,19 +21,12 @@ GOLDEN = Path(__file__).with_name("golden")
 HOST = topology.parse(sysfs.host(2, 4, 2, devices={"0000:65:00.0": sysfs.gpu(1, 30)}))
 
 
+POD = kube.parse_pod_cgroup(f"/kubepods/pod0a1b2c3d-1111-2222-3333-444455556666/{'c' * 64}")
+
+
 def layout(s: spec.InstanceSpec) -> placement.Layout:
-    pod = placement.choose(HOST, HOST.cpus_of_node(1), s.vcpus)
-    devices = placement.check_devices(HOST, [d.address for d in s.devices])
-    return placement.place(
-        HOST,
-        pod,
-        s.vcpus,
-        s.memory_mib,
-        mode=s.topology,
-        numa=s.numa,
-        hugepages=s.memory.hugepages,
-        devices=devices,
-    )
+    held = placement.choose(HOST, HOST.cpus_of_node(1), s.vcpus)
+    return plan.make_plan(s, POD, held, None, HOST).layout
 
 
 def command_lines(s: spec.InstanceSpec) -> str:
