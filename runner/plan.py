@@ -25,6 +25,7 @@ class Plan:
     pod: PodCgroup
     instance_cpus: tuple[int, ...]  # ascending
     layout: Layout  # guest topology, vCPU -> host CPU, guest NUMA nodes
+    mems: CpuSet  # the instance cgroup's cpuset.mems: memory nodes local to instance_cpus
 
     @property
     def placement(self) -> tuple[int, ...]:
@@ -80,7 +81,7 @@ def make_plan(
         )
     except placement.PlacementError as e:
         raise PlanError(str(e)) from None
-    return Plan(pod, tuple(sorted(container_cpus)), layout)
+    return Plan(pod, tuple(sorted(container_cpus)), layout, host.mems_of(container_cpus))
 
 
 def describe(layout: Layout) -> str:

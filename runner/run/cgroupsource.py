@@ -25,7 +25,6 @@ from runner.node.kubelet import Unknown, read_state
 from runner.node.layout import Layout, held_cpus, online_cpus
 from runner.plan import Plan
 from runner.run.options import StartupError
-from runner.topology import TopologyError, read_host
 
 # Embedded mode re-reads kubelet's state on every change, and at least this often.
 KUBELET_RESYNC = 10.0
@@ -86,10 +85,10 @@ class Embedded:
                     f"instance cgroup {instance} is already in use by another runner"
                 )
             self._made = instance  # ours from here on, even if the next writes fail
-            self.cg.make_threaded(instance, own, read_host().mems_of(own))
+            self.cg.make_threaded(instance, own, plan.mems)
         except FloatUnknown as e:
             raise StartupError(f"cannot make the float cgroup: {e}") from None
-        except (CgroupError, TopologyError) as e:
+        except CgroupError as e:
             raise StartupError(str(e)) from None
         return Cgroups(self.layout.float, instance, float_cpus)
 
