@@ -158,6 +158,15 @@ def cli() -> None:
     minimum=0,
 )
 @option(
+    "--metrics-address",
+    env="METRICS_ADDRESS",
+    metavar="HOST:PORT",
+    callback=_address,
+    help="Serve GET /metrics (Prometheus), /healthz (alive, monitors running) and /readyz "
+    "(guest running, every vCPU placed) over HTTP here; values are read when asked "
+    "[default: off].",
+)
+@option(
     "--pause-before",
     env="PAUSE_BEFORE",
     type=click.Choice(STEP_NAMES),
@@ -203,8 +212,8 @@ def run(log_format: str, log_level: str, **kw: Any) -> None:
     env="HEALTH_ADDRESS",
     metavar="HOST:PORT",
     callback=_address,
-    help="Serve GET /healthz (alive) and /readyz (serving, float made) over HTTP here, for "
-    "kubelet's probes [default: off].",
+    help="Serve GET /healthz (alive), /readyz (serving, float made) and /metrics "
+    "(Prometheus) over HTTP here [default: off].",
 )
 def controller(log_format: str, log_level: str, **kw: Any) -> None:
     """Run the node's instance cgroup controller (a DaemonSet on every worker).

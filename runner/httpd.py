@@ -14,8 +14,11 @@ import trio
 
 from runner.log import log
 
-# A route answers with a status and a short text body, computed when asked.
-Route = Callable[[], tuple[int, str]]
+# A route answers with a status and a body, computed when asked; a third item, when there is
+# one, is the body's content type (text/plain otherwise).
+Reply = tuple[int, str] | tuple[int, str, str]
+Route = Callable[[], Reply]
+TEXT = "text/plain; charset=utf-8"
 
 REQUEST_DEADLINE = 5.0  # a client that does not finish its request head in time is dropped
 MAX_HEAD = 8192
@@ -46,15 +49,21 @@ def respond(head: bytes, routes: Mapping[str, Route]) -> bytes:
         return _response(404, "not found\n", with_body=method != "HEAD")
     if method not in ("GET", "HEAD"):
         return _response(405, "GET or HEAD only\n", with_body=True)
-    status, body = routes[path]()
-    return _response(status, body, with_body=method == "GET")
+    try:
+        status, body, *kind = routes[path]()
+    except Exception as e:  # a route's bug answers this request, never stops the listener
+        log.error("http-route-failed", path=path, error=f"{type(e).__name__}: {e}")
+        return _response(500, "internal error\n", with_body=method == "GET")
+    return _response(
+        status, body, with_body=method == "GET", content_type=kind[0] if kind else TEXT
+    )
 
 
-def _response(status: int, body: str, with_body: bool) -> bytes:
+def _response(status: int, body: str, with_body: bool, content_type: str = TEXT) -> bytes:
     data = body.encode()
     head = (
         f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n"
-        "Content-Type: text/plain; charset=utf-8\r\n"
+        f"Content-Type: {content_type}\r\n"
         f"Content-Length: {len(data)}\r\n"
         "Connection: close\r\n\r\n"
     ).encode()

@@ -94,6 +94,11 @@ def describe(layout: Layout) -> str:
     return f"{shape}, {homes}"
 
 
+def vcpu_threads(found: list[dict[str, Any]]) -> dict[int, int]:
+    """QEMU's `query-cpus-fast` answer as vCPU index -> thread id."""
+    return {int(v["cpu-index"]): int(v["thread-id"]) for v in found}
+
+
 def match_vcpus(found: list[dict[str, Any]], placement: tuple[int, ...]) -> list[Placed]:
     """QEMU's `query-cpus-fast` answer matched to the placement, vCPU by vCPU. Each vCPU
     needs a thread of its own: two vCPUs on one thread (TCG without thread=multi) cannot

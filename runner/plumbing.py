@@ -170,5 +170,6 @@ async def supervise_dnsmasq(
                     with trio.CancelScope(shield=True):
                         await child.stop(2)
             log.warning("dnsmasq-restart", child=name, code=code, delay=delay)
+            reaper.restarts[name] += 1
             await trio.sleep(delay)
             delay = min(delay * 2, 10.0)

@@ -8,6 +8,7 @@ by `Reaper.reap()`, which the SIGCHLD handler calls.
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import os
 import signal
@@ -112,6 +113,7 @@ class Reaper:
     def __init__(self) -> None:
         self.children: dict[int, Child] = {}
         self.orphans_reaped = 0
+        self.restarts: collections.Counter[str] = collections.Counter()  # kept-alive children
 
     def spawn(
         self,

@@ -15,6 +15,7 @@ import trio
 
 from runner import early, httpd, rpc
 from runner.controller.identity import Peer, identify
+from runner.controller.metrics import Held
 from runner.controller.service import ControllerError, ControllerOptions, Service
 from runner.log import log
 
@@ -28,6 +29,15 @@ class Server:
         self.opts = opts
         self.service = Service(opts)
         self._open = 0
+        # The service's layout is replaced at setup: read through it each time.
+        self.service.metrics.hold(
+            Held(
+                instances=lambda: len(self.service.layout.instances()),
+                float_cpus=lambda: _count(self.service.layout.float_cpus()),
+                connections=lambda: self._open,
+                stale_removed=lambda: self.service.keeper.removed,
+            )
+        )
 
     async def serve_connection(self, stream: trio.SocketStream) -> None:
         # Who the caller is, once and at once: later, its pid may be someone else's.
@@ -87,7 +97,11 @@ class Server:
                 return 503, "no float cgroup yet: kubelet's cpu_manager_state is unknown\n"
             return 200, "ready\n"
 
-        return {"/healthz": lambda: (200, "ok\n"), "/readyz": ready}
+        return {
+            "/healthz": lambda: (200, "ok\n"),
+            "/readyz": ready,
+            "/metrics": self.service.metrics.scrape,
+        }
 
     async def open_socket(self) -> trio.SocketListener:
         path = Path(self.opts.socket)
@@ -161,3 +175,7 @@ class Server:
                         os.unlink(self.opts.socket)
         log.info("exit", code=0)
         return 0
+
+
+def _count(cpu_set: frozenset[int] | None) -> int | None:
+    return None if cpu_set is None else len(cpu_set)

@@ -18,6 +18,7 @@ import trio
 from runner import cpus, rpc
 from runner.controller import policy
 from runner.controller.identity import Peer
+from runner.controller.metrics import ControllerMetrics
 from runner.log import log
 from runner.node.cgroupfs import CgroupError, CgroupFS
 from runner.node.floatkeeper import FloatKeeper, FloatUnknown
@@ -53,7 +54,10 @@ class Service:
         self.lock = trio.Lock()  # cgroup writes: one at a time
         self.online: cpus.CpuSet = frozenset()
         self.layout = Layout(self.cg, "/")
-        self.keeper = FloatKeeper(self.layout, opts.kubelet_dir, self._young)
+        self.metrics = ControllerMetrics()
+        self.keeper = FloatKeeper(
+            self.layout, opts.kubelet_dir, self._young, timed=self.metrics.reconcile.observe
+        )
         self._registered_at: dict[str, float] = {}
 
     def _young(self) -> set[str]:
@@ -184,6 +188,8 @@ class Service:
     async def dispatch(self, peer: Peer, line: bytes) -> rpc.Response | None:
         req = rpc.decode_request(line)
         if isinstance(req, rpc.Response):
+            # Never labelled by what a caller sent: a method name would be its to choose.
+            self.metrics.answered("-", req.error.code if req.error else None)
             return req
         if isinstance(req, rpc.Notification):
             log.warning("notification-ignored", method=req.method, pid=peer.pid)
@@ -195,10 +201,14 @@ class Service:
             "health": self.health,
         }
         try:
-            return rpc.Response(req.id, result=await handlers[req.method](peer, req.params))
+            result = await handlers[req.method](peer, req.params)
         except rpc.RPCError as e:
             log.warning("request-refused", method=req.method, pid=peer.pid, error=e.message)
+            self.metrics.answered(req.method, e.code)
             return rpc.error(req.id, e.code, e.message)
         except Exception as e:  # a handler bug answers this request, never kills the daemon
             log.error("request-failed", method=req.method, error=f"{type(e).__name__}: {e}")
+            self.metrics.answered(req.method, rpc.INTERNAL_ERROR)
             return rpc.error(req.id, rpc.INTERNAL_ERROR, "internal error")
+        self.metrics.answered(req.method, None)
+        return rpc.Response(req.id, result=result)

@@ -9,6 +9,7 @@ CPUs it has.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import AsyncIterator, Callable, Collection
 
 import trio
@@ -49,11 +50,14 @@ class FloatKeeper:
         kubelet_dir: str,
         young: Callable[[], Collection[str]] = tuple,
         online: Callable[[], CpuSet] = online_cpus,
+        timed: Callable[[float], None] = lambda _seconds: None,
     ) -> None:
         self.layout = layout
         self.online = online
         self.kubelet_dir = kubelet_dir
         self.young = young  # instance uuids too fresh to be stale (registered, not pinned)
+        self.timed = timed  # told how long each resync took
+        self.removed = 0  # stale instance cgroups removed
         self._unknown: str | None = None
         self._wake = trio.Event()
 
@@ -61,6 +65,13 @@ class FloatKeeper:
         """Remove stale instance cgroups, then make float what the rule says (creating it if
         needed) and spread its threads over it. `held`: CPUs about to be taken by an instance
         that has no cgroup yet. Returns float's CPUs; FloatUnknown if it has none."""
+        began = time.monotonic()
+        try:
+            return await self._resync(reason, held)
+        finally:
+            self.timed(time.monotonic() - began)
+
+    async def _resync(self, reason: str, held: CpuSet) -> CpuSet:
         layout, cg = self.layout, self.layout.cg
         state = read_state(self.kubelet_dir)
         self._note(state)
@@ -72,6 +83,7 @@ class FloatKeeper:
                 log.warning("stale-instance-kept", uuid=inst.uuid, error=str(e))
                 continue
             del instances[inst.uuid]
+            self.removed += 1
             log.info(
                 "instance-removed",
                 uuid=inst.uuid,

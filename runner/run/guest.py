@@ -24,6 +24,13 @@ EXIT_POWERED_OFF, EXIT_QUIT, EXIT_KILLED = 0, 124, 137
 # After the guest's shutdown timeout: this long for QEMU to `quit`, then SIGKILL. Stopping takes
 # at most shutdown-timeout + QUIT_GRACE + a second: keep the pod's grace period above that.
 QUIT_GRACE = 3.0
+# QMP events that change the guest's state (query-status's names).
+EVENT_STATES = {
+    "STOP": "paused",
+    "RESUME": "running",
+    "SHUTDOWN": "shutdown",
+    "GUEST_PANICKED": "guest-panicked",
+}
 
 
 def since_exec() -> float:
@@ -42,6 +49,7 @@ class Guest:
         self.qmp = QMP(pre.spec.name)
         self.qemu: Child | None = None
         self.resumed = False  # the guest has run: only then can it answer the power button
+        self.status = "prelaunch"  # as query-status names it, kept by QMP's events
         self.stderr: list[str] = []
         self.started_at = 0.0
         self.exec_to_start = 0.0
@@ -161,6 +169,8 @@ class Guest:
     async def _drain_events(self) -> None:
         try:
             async for event in self.qmp.events:
-                log.info("qemu-event", name=event.get("event"), data=event.get("data"))
+                name = event.get("event")
+                self.status = EVENT_STATES.get(str(name), self.status)
+                log.info("qemu-event", name=name, data=event.get("data"))
         except Exception as e:  # the reaper shares this nursery: never take it down
             log.warning("qemu-events-lost", error=f"{type(e).__name__}: {e}")

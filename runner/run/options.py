@@ -33,4 +33,5 @@ class Options:
     verify_interval: float = 1.0  # how often pinning is re-checked while the guest runs; 0: never
     pause_before: str | None = None  # fault-injection hook for tests: wait before this step
     resume_early: bool = False  # benchmark baseline: the guest runs before it is pinned
+    metrics_address: str | None = None  # HOST:PORT for /metrics, /healthz, /readyz; None: off
     inherited_fds: frozenset[int] = frozenset()  # open when the runner started (spec fds)

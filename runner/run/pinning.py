@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,17 +17,6 @@ from runner.log import log
 from runner.node.cgroupfs import CgroupError, CgroupFS, thread_cgroup
 from runner.plan import Placed
 from runner.run.options import StartupError
-
-
-def cpu_ns(pid: int, tid: int) -> int:
-    """Time one thread has spent on a CPU, in nanoseconds (schedstat, not tick-sampled)."""
-    return int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[0])
-
-
-def cpu_ticks(pid: int, tid: int) -> int:
-    """utime + stime of one thread, in clock ticks."""
-    fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])
 
 
 def place_vcpu(cg: CgroupFS, instance_cg: str, qemu_pid: int, p: Placed) -> None:
@@ -77,7 +67,9 @@ class Keeper:
         self.placed = placed
         self.anchor_pid = anchor_pid
         self.repins = 0
+        self.drifts = 0
         self.moved_to_float = 0
+        self.last_round = time.monotonic()  # when a round of checks last finished
         self._failing: str | None = None
 
     async def keep(self, interval: float) -> None:
@@ -98,6 +90,7 @@ class Keeper:
                 if self._failing is not None:
                     log.info("verify-recovered")
                 self._failing = None
+            self.last_round = time.monotonic()
 
     def check_vcpus(self) -> None:
         """A vCPU moved to another cgroup or CPU behind our back (taskset, a stray cgroup
@@ -107,6 +100,7 @@ class Keeper:
             allowed = os.sched_getaffinity(p.tid)
             if in_cgroup == self.instance_cg and allowed == {p.cpu}:
                 continue
+            self.drifts += 1
             log.warning(
                 "vcpu-drifted",
                 vcpu=p.vcpu,

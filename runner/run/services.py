@@ -82,6 +82,7 @@ async def anchor(reaper: Reaper, procs: str, task_status: trio.TaskStatus[list[C
             log.warning("anchor-died", code=await current[0].wait())
             if not await _respawn(reaper, procs, current):
                 return
+            reaper.restarts["anchor"] += 1
             log.info("anchor-restarted", pid=current[0].pid)
             await trio.sleep(delay)  # an anchor that keeps dying is not a busy loop
             delay = min(delay * 2, 10.0)

@@ -18,19 +18,22 @@ from pathlib import Path
 import attrs
 import trio
 
-from runner import cpus, kube, plan, plumbing
+from runner import cpus, httpd, kube, plan, plumbing
 from runner.argv import Wiring, dnsmasq_argv, virtiofsd_argv
 from runner.log import log
+from runner.node import procfs
 from runner.node.cgroupfs import CgroupError
 from runner.plan import Placed
 from runner.procs import Child, Reaper
 from runner.run import services
 from runner.run.cgroupsource import Cgroups
-from runner.run.guest import QUIT_GRACE, Guest
+from runner.run.guest import QUIT_GRACE, Guest, since_exec
+from runner.run.observer import VcpuCounters, log_vcpu_totals, routes
 from runner.run.options import Options, StartupError
-from runner.run.pinning import Keeper, cpu_ns, cpu_ticks, place_vcpu
+from runner.run.pinning import Keeper, place_vcpu
 from runner.run.preflight import Prepared
 from runner.run.readiness import ready_doc, write_ready
+from runner.run.services import Service
 
 
 @attrs.define
@@ -52,13 +55,28 @@ class Startup:
     wiring: Wiring | None = None
     qmp_ours: socket.socket | None = None
     placed: list[Placed] = attrs.Factory(list)
+    vcpu_tids: dict[int, int] = attrs.Factory(dict)  # vCPU index -> thread, pinned or not
     unpinned_ns: dict[int, int] = attrs.Factory(dict)  # vCPU thread -> CPU time before pin
     keeper: Keeper | None = None
     qmp_ready: float = 0.0
     pinned: float = 0.0
+    step_seconds: dict[str, float] = attrs.Factory(dict)  # how long each step's do took
+    running_after: float | None = None  # seconds from the runner's exec to the guest running
+    http: Service | None = None
+    vcpu_counters: VcpuCounters = attrs.Factory(VcpuCounters)
+    phase: str = "preflight"  # the step under way, "running", then "stopping"
+    monitor_errors: dict[str, str] = attrs.Factory(dict)  # monitors of the guest that died
 
 
 Action = Callable[[Startup], Awaitable[None]]
+
+
+def always(_s: Startup) -> bool:
+    return True
+
+
+def isolated(s: Startup) -> bool:
+    return s.pre.isolation is not None
 
 
 @attrs.frozen
@@ -66,12 +84,31 @@ class Step:
     name: str
     do: Action
     undo: Action
-    isolated_only: bool = False  # skipped with --isolation off
+    wanted: Callable[[Startup], bool] = always  # skipped when False (e.g. --isolation off)
     undo_timeout: Callable[[Options], float] = lambda _o: 10.0
 
 
 async def nothing(_s: Startup) -> None:
     pass
+
+
+# --- http: /metrics, /healthz and /readyz, up first so that probes see start-up too ----------
+
+
+async def serve_http(s: Startup) -> None:
+    address = s.opts.metrics_address
+    assert address is not None
+    try:
+        s.http, _ = await services.launch(
+            s.nursery, "http", lambda status: httpd.serve(address, routes(s), task_status=status)
+        )
+    except OSError as e:
+        raise StartupError(f"cannot serve metrics on {address}: {e.strerror or e}") from None
+
+
+async def stop_http(s: Startup) -> None:
+    if s.http is not None:
+        await s.http.stop()
 
 
 # --- run-dir: a directory of our own, locked ---------------------------------------------------
@@ -295,9 +332,10 @@ async def pin(s: Startup) -> None:
         raise StartupError(str(e)) from None
     for p in placed:
         with contextlib.suppress(OSError):
-            s.unpinned_ns[p.tid] = cpu_ns(qemu.pid, p.tid)
+            s.unpinned_ns[p.tid] = procfs.schedstat(qemu.pid, p.tid).run_ns
         place_vcpu(iso.cg, s.cgroups.instance, qemu.pid, p)
     s.placed = placed
+    s.vcpu_tids = {p.vcpu: p.tid for p in placed}
     s.keeper = Keeper(
         iso.cg,
         iso.container,
@@ -317,13 +355,19 @@ async def resume(s: Startup) -> None:
     s.pinned = time.monotonic()
     status = str((await guest.execute("query-status"))["status"])  # type: ignore[index]
     try:
-        ticks = {p.tid: cpu_ticks(qemu.pid, p.tid) for p in s.placed}
+        ticks = {p.tid: procfs.stat(qemu.pid, p.tid).ticks for p in s.placed}
     except OSError as e:
         raise StartupError(await guest.failure(str(e))) from None
     if status not in ("prelaunch", "paused") and not s.opts.resume_early:
         raise StartupError(f"the guest was {status!r} before its vCPUs were pinned")
+    if not s.vcpu_tids:  # not pinned (isolation off): still watched
+        s.vcpu_tids = plan.vcpu_threads(await guest.execute("query-cpus-fast"))  # type: ignore[arg-type]
+    guest.status = status
+    s.vcpu_counters.read(s)  # a first reading: the totals at exit start from it
     await guest.execute("cont")
     guest.resumed = True
+    guest.status = "running"
+    s.running_after = round(since_exec(), 3)
     started = guest.started_at
     timings = {
         "qemu_start_to_qmp": round((s.qmp_ready - started) * 1000, 1),
@@ -341,20 +385,22 @@ async def resume(s: Startup) -> None:
     )
 
 
-async def remove_ready(s: Startup) -> None:
+async def stop_running(s: Startup) -> None:
     (s.pre.run_dir / "ready").unlink(missing_ok=True)
+    log_vcpu_totals(s)
 
 
 STEPS: tuple[Step, ...] = (
+    Step("http", serve_http, stop_http, wanted=lambda s: s.opts.metrics_address is not None),
     Step("run-dir", claim_run_dir, release_run_dir),
-    Step("anchor", start_anchor, stop_anchor, isolated_only=True),
-    Step("cgroups", obtain_cgroups, release_cgroups, isolated_only=True),
-    Step("float", move_to_float, move_back, isolated_only=True),
+    Step("anchor", start_anchor, stop_anchor, wanted=isolated),
+    Step("cgroups", obtain_cgroups, release_cgroups, wanted=isolated),
+    Step("float", move_to_float, move_back, wanted=isolated),
     Step("plumbing", plumb, unplumb),
     Step("qemu", start_qemu, stop_qemu, undo_timeout=qemu_stop_timeout),
     Step("qmp", connect_qmp, nothing),
-    Step("pin", pin, nothing, isolated_only=True),
-    Step("cont", resume, remove_ready),
+    Step("pin", pin, nothing, wanted=isolated),
+    Step("cont", resume, stop_running),
 )
 STEP_NAMES = tuple(step.name for step in STEPS)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import signal
+import time
 import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -101,20 +102,22 @@ class Supervisor:
             self.opts, pre, self.reaper, nursery, Guest(pre, self.opts.shutdown_timeout)
         )
         for step in STEPS:
-            if step.isolated_only and pre.isolation is None:
+            if not step.wanted(s):
                 continue
             await self._checkpoint(step.name, pre.run_dir)
             self.teardown.push(
                 step.name, functools.partial(step.undo, s), step.undo_timeout(self.opts)
             )
+            began = time.monotonic()
             await step.do(s)
+            s.step_seconds[step.name] = round(time.monotonic() - began, 4)
 
     async def _wait(self) -> int:
         """Until a stop request, QEMU's end, or the death of a child the guest depends on."""
         s = self.startup
         assert s is not None
         guest, qemu = s.guest, s.guest.process
-        self.step = "running"
+        self.step = s.phase = "running"
         broken: list[Child] = []
         with trio.CancelScope() as scope:
             self._interruptible = scope
@@ -130,11 +133,13 @@ class Supervisor:
                         watchers.start_soon(watch, child)
                     if s.keeper is not None:
                         watchers.start_soon(
-                            _monitor, "verify", s.keeper.keep, self.opts.verify_interval
+                            _monitor, s, "verify", s.keeper.keep, self.opts.verify_interval
                         )
                     if s.pre.isolation is not None:
-                        watchers.start_soon(_monitor, "cgroups", s.pre.iso.source.maintain)
+                        watchers.start_soon(_monitor, s, "cgroups", s.pre.iso.source.maintain)
         self._interruptible = None
+        s.phase = "stopping"
+        s.vcpu_counters.read(s)  # the vCPUs' totals, while their threads still exist
         dead = [c for c in broken if c is not qemu]
         if dead and qemu.running:
             # virtiofsd also ends when its client goes: when the guest powers off, QEMU's
@@ -171,12 +176,16 @@ class Supervisor:
             log.info("stop-already-in-progress", signal=signal.Signals(signum).name)
             return
         self.stop_signal = signum
+        if self.startup is not None:
+            self.startup.phase = "stopping"  # /readyz says so at once
         log.info("stop-requested", signal=signal.Signals(signum).name, step=self.step)
         if self._interruptible is not None:
             self._interruptible.cancel()
 
     async def _checkpoint(self, step: str, run_dir: Path) -> None:
         self.step = step
+        if self.startup is not None:
+            self.startup.phase = step
         if self.opts.pause_before == step:
             marker = run_dir / "paused"
             marker.parent.mkdir(parents=True, exist_ok=True)
@@ -187,9 +196,13 @@ class Supervisor:
         await trio.lowlevel.checkpoint()
 
 
-async def _monitor(name: str, fn: Callable[..., Awaitable[None]], *args: object) -> None:
-    """A watch kept beside the guest: its failure is logged, never the end of the instance."""
+async def _monitor(
+    s: Startup, name: str, fn: Callable[..., Awaitable[None]], *args: object
+) -> None:
+    """A watch kept beside the guest: its failure is logged and fails /healthz, never the end
+    of the instance."""
     try:
         await fn(*args)
     except Exception as e:
-        log.error("monitor-failed", monitor=name, error=f"{type(e).__name__}: {e}")
+        s.monitor_errors[name] = f"{type(e).__name__}: {e}"
+        log.error("monitor-failed", monitor=name, error=s.monitor_errors[name])

@@ -1,0 +1,151 @@
+"""Thin /proc reads of processes and threads. Parsing is pure (`parse_*`, tested on text);
+the readers only open files. A thread that is gone raises OSError: callers decide."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import attrs
+
+from runner import cpus
+from runner.cpus import CpuSet
+
+# /proc/<pid>/stat fields after "comm)": index 0 is field 3 (state) of proc(5).
+_PPID, _UTIME, _STIME, _PROCESSOR, _RT_PRIORITY, _POLICY = 1, 11, 12, 36, 37, 38
+POLICIES = {0: "other", 1: "fifo", 2: "rr", 3: "batch", 5: "idle", 6: "deadline"}
+
+
+@attrs.frozen
+class SchedStat:
+    """/proc/<pid>/task/<tid>/schedstat: time on a CPU, time waiting on a run queue (the
+    "CPU ready" / steal a guest feels), and the number of times it was given a CPU."""
+
+    run_ns: int
+    delay_ns: int
+    timeslices: int
+
+
+@attrs.frozen
+class Stat:
+    """What /proc/<pid>/task/<tid>/stat tells of one thread."""
+
+    comm: str
+    ppid: int
+    ticks: int  # utime + stime, in clock ticks
+    last_cpu: int
+    policy: str
+    rt_priority: int
+
+
+@attrs.frozen
+class ThreadView:
+    """One thread as /proc shows it at one moment."""
+
+    pid: int
+    tid: int
+    comm: str
+    cgroup: str
+    allowed: CpuSet
+    last_cpu: int
+    policy: str
+    rt_priority: int
+    run_ns: int
+    delay_ns: int
+    involuntary: int
+
+
+def parse_schedstat(text: str) -> SchedStat:
+    run, delay, slices = text.split()[:3]
+    return SchedStat(int(run), int(delay), int(slices))
+
+
+def parse_stat(text: str) -> Stat:
+    # comm may hold spaces and parentheses: it ends at the last ")".
+    head, tail = text.rsplit(")", 1)
+    f = tail.split()
+    policy = int(f[_POLICY])
+    return Stat(
+        comm=head.split("(", 1)[1],
+        ppid=int(f[_PPID]),
+        ticks=int(f[_UTIME]) + int(f[_STIME]),
+        last_cpu=int(f[_PROCESSOR]),
+        policy=POLICIES.get(policy, str(policy)),
+        rt_priority=int(f[_RT_PRIORITY]),
+    )
+
+
+def parse_status(text: str) -> dict[str, str]:
+    out = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            out[key] = value.strip()
+    return out
+
+
+def cgroup_of(text: str) -> str:
+    """The cgroup v2 path in a /proc/<pid>/cgroup text ("" when it has none)."""
+    for line in text.splitlines():
+        if line.startswith("0::"):
+            return line[3:].strip() or "/"
+    return ""
+
+
+def _task(pid: int, tid: int) -> Path:
+    return Path(f"/proc/{pid}/task/{tid}")
+
+
+def schedstat(pid: int, tid: int) -> SchedStat:
+    return parse_schedstat((_task(pid, tid) / "schedstat").read_text())
+
+
+def stat(pid: int, tid: int | None = None) -> Stat:
+    base = _task(pid, tid) if tid is not None else Path(f"/proc/{pid}")
+    return parse_stat((base / "stat").read_text())
+
+
+def involuntary_switches(pid: int, tid: int) -> int:
+    return int(parse_status((_task(pid, tid) / "status").read_text())["nonvoluntary_ctxt_switches"])
+
+
+def thread(pid: int, tid: int) -> ThreadView:
+    """Everything about one thread; OSError if it went away while being read."""
+    base = _task(pid, tid)
+    st = parse_stat((base / "stat").read_text())
+    status = parse_status((base / "status").read_text())
+    sched = parse_schedstat((base / "schedstat").read_text())
+    return ThreadView(
+        pid=pid,
+        tid=tid,
+        comm=st.comm,
+        cgroup=cgroup_of((base / "cgroup").read_text()),
+        allowed=cpus.parse(status["Cpus_allowed_list"]),
+        last_cpu=st.last_cpu,
+        policy=st.policy,
+        rt_priority=st.rt_priority,
+        run_ns=sched.run_ns,
+        delay_ns=sched.delay_ns,
+        involuntary=int(status["nonvoluntary_ctxt_switches"]),
+    )
+
+
+def threads(pid: int) -> list[int]:
+    """The thread IDs of a process ([] once it is gone)."""
+    try:
+        return sorted(int(t) for t in os.listdir(f"/proc/{pid}/task"))
+    except OSError:
+        return []
+
+
+def processes() -> list[int]:
+    return sorted(int(p) for p in os.listdir("/proc") if p.isdigit())
+
+
+def pid_namespace(pid: int | str) -> int:
+    """The inode of a process's PID namespace: equal for every process of one pod."""
+    return os.stat(f"/proc/{pid}/ns/pid").st_ino
+
+
+def cmdline(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")[:-1]

@@ -1,0 +1,213 @@
+"""What the runner exports, decided from a plain sample: the metric families for Prometheus,
+and the answers of /healthz and /readyz. Pure: observer.py reads the sample when asked.
+
+Every value is read when scraped (no timer of ours wakes for it), and counters are the
+kernel's own (schedstat, cpu.pressure), so a scrape interval changes nothing but resolution.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING
+
+import attrs
+
+if TYPE_CHECKING:
+    from prometheus_client.metrics_core import Metric
+
+PREFIX = "instance_runner_"
+# The guest's states, as QMP's query-status and events name them, plus the runner's own
+# before QMP answers and after QEMU is gone.
+GUEST_STATES = (
+    "starting",
+    "prelaunch",
+    "paused",
+    "running",
+    "shutdown",
+    "guest-panicked",
+    "exited",
+)
+
+
+@attrs.frozen
+class VcpuSample:
+    vcpu: int
+    cpu: int | None  # its dedicated CPU; None with isolation off
+    run_ns: int
+    delay_ns: int
+    involuntary: int
+    placed: bool  # in the instance cgroup, allowed on its CPU alone
+
+
+@attrs.frozen
+class Pressure:
+    """cpu.pressure totals, in microseconds: some = at least one task waited for a CPU,
+    full = every non-idle task did at once."""
+
+    some_us: int
+    full_us: int | None  # the kernel reports "full" for CPU only since 5.13
+
+
+@attrs.frozen
+class Sample:
+    name: str
+    pod_uid: str
+    isolation: str
+    mode: str
+    guest_status: str
+    vcpus: tuple[VcpuSample, ...] = ()
+    pressure: Mapping[str, Pressure] = attrs.Factory(dict)  # "instance" / "float" -> totals
+    repins: int = 0
+    drifts: int = 0
+    moved_to_float: int = 0
+    orphans_reaped: int = 0
+    restarts: Mapping[str, int] = attrs.Factory(dict)  # child -> restarts
+    step_seconds: Mapping[str, float] = attrs.Factory(dict)
+    running_after: float | None = None
+
+
+def parse_pressure(text: str) -> Pressure:
+    """A PSI file ("some avg10=0.00 avg60=0.00 avg300=0.00 total=123", "full ...")."""
+    totals: dict[str, int] = {}
+    for line in text.splitlines():
+        kind, *fields = line.split()
+        for field in fields:
+            key, _, value = field.partition("=")
+            if key == "total":
+                totals[kind] = int(value)
+    if "some" not in totals:
+        raise ValueError(f"no 'some ... total=' line in {text!r}")
+    return Pressure(totals["some"], totals.get("full"))
+
+
+def families(s: Sample) -> Iterator[Metric]:
+    """The runner's metric families for one sample."""
+    # Imported here: only a runner that serves metrics pays for the import.
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    info = GaugeMetricFamily(
+        PREFIX + "info",
+        "The instance this runner runs (always 1).",
+        labels=["name", "pod_uid", "isolation", "mode"],
+    )
+    info.add_metric([s.name, s.pod_uid, s.isolation, s.mode], 1)
+    yield info
+
+    labels = ["vcpu", "cpu"]
+    delay = CounterMetricFamily(
+        PREFIX + "vcpu_delay_seconds",
+        "Time the vCPU thread was runnable but waited for a CPU (schedstat run delay): what "
+        "a guest feels as steal. 0 growth is the goal.",
+        labels=labels,
+    )
+    ran = CounterMetricFamily(
+        PREFIX + "vcpu_seconds", "Time the vCPU thread ran on a CPU (schedstat).", labels=labels
+    )
+    involuntary = CounterMetricFamily(
+        PREFIX + "vcpu_involuntary_switches",
+        "Times the vCPU thread was taken off its CPU while it still wanted to run.",
+        labels=labels,
+    )
+    placed = GaugeMetricFamily(
+        PREFIX + "vcpu_placement_ok",
+        "1 while the vCPU thread is in the instance cgroup and allowed on its dedicated CPU "
+        "alone, else 0.",
+        labels=labels,
+    )
+    for v in s.vcpus:
+        key = [str(v.vcpu), "" if v.cpu is None else str(v.cpu)]
+        delay.add_metric(key, v.delay_ns / 1e9)
+        ran.add_metric(key, v.run_ns / 1e9)
+        involuntary.add_metric(key, v.involuntary)
+        placed.add_metric(key, 1 if v.placed else 0)
+    yield from (delay, ran, involuntary, placed)
+
+    waiting = CounterMetricFamily(
+        PREFIX + "cpu_pressure_waiting_seconds",
+        "cpu.pressure 'some' of the cgroup: time at least one of its tasks waited for a CPU.",
+        labels=["cgroup"],
+    )
+    stalled = CounterMetricFamily(
+        PREFIX + "cpu_pressure_stalled_seconds",
+        "cpu.pressure 'full' of the cgroup: time all of its runnable tasks waited at once.",
+        labels=["cgroup"],
+    )
+    for cgroup, p in sorted(s.pressure.items()):
+        waiting.add_metric([cgroup], p.some_us / 1e6)
+        if p.full_us is not None:
+            stalled.add_metric([cgroup], p.full_us / 1e6)
+    yield from (waiting, stalled)
+
+    for name, value, text in (
+        ("vcpu_drifts", s.drifts, "vCPU threads found off their cgroup or CPU."),
+        ("vcpu_repins", s.repins, "vCPU threads put back after a drift."),
+        (
+            "moved_to_float",
+            s.moved_to_float,
+            "Processes moved out of the container cgroup (exec, probes) to the shared CPUs.",
+        ),
+        ("orphans_reaped", s.orphans_reaped, "Orphaned processes reaped as PID 1."),
+    ):
+        yield CounterMetricFamily(PREFIX + name, text, value=value)
+
+    restarts = CounterMetricFamily(
+        PREFIX + "child_restarts",
+        "Restarts of a helper the runner keeps alive (the anchor, dnsmasq per tap).",
+        labels=["child"],
+    )
+    for child, n in sorted(s.restarts.items()):
+        restarts.add_metric([child], n)
+    yield restarts
+
+    steps = GaugeMetricFamily(
+        PREFIX + "startup_step_seconds",
+        "How long each start-up step took, in the order of the steps.",
+        labels=["step"],
+    )
+    for step, seconds in s.step_seconds.items():
+        steps.add_metric([step], seconds)
+    yield steps
+    if s.running_after is not None:
+        yield GaugeMetricFamily(
+            PREFIX + "startup_seconds",
+            "From the runner's exec to the guest running with every vCPU placed.",
+            value=s.running_after,
+        )
+
+    status = GaugeMetricFamily(
+        PREFIX + "guest_status",
+        "1 for the guest's current state, 0 for the others.",
+        labels=["status"],
+    )
+    for state in GUEST_STATES:
+        status.add_metric([state], 1 if state == s.guest_status else 0)
+    yield status
+
+
+# --- probes ---------------------------------------------------------------------------------
+
+
+def healthz(failed: Mapping[str, str], stale: Mapping[str, float]) -> tuple[int, str]:
+    """Alive: the event loop answers (else there is no answer at all) and every monitor of
+    the running guest is still running. `failed`: monitor -> its error; `stale`: monitor ->
+    seconds since it last finished a round, for those later than they should be."""
+    if failed:
+        return 503, "".join(f"monitor {m} failed: {e}\n" for m, e in sorted(failed.items()))
+    if stale:
+        return 503, "".join(f"monitor {m} silent for {s:.0f} s\n" for m, s in sorted(stale.items()))
+    return 200, "ok\n"
+
+
+def readyz(
+    phase: str, guest_status: str, vcpus: tuple[VcpuSample, ...], isolated: bool
+) -> tuple[int, str]:
+    """Ready: the guest runs, and (isolated) every vCPU is where it belongs."""
+    if phase != "running":
+        return 503, f"not running: {phase}\n"
+    if guest_status != "running":
+        return 503, f"guest {guest_status}\n"
+    if isolated:
+        off = [v.vcpu for v in vcpus if not v.placed]
+        if off or not vcpus:
+            return 503, f"vCPUs not placed: {', '.join(map(str, off)) or 'none known'}\n"
+    return 200, "ready\n"

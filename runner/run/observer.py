@@ -1,0 +1,151 @@
+"""The runner seen from outside: /metrics, /healthz and /readyz on one listener. Each request
+reads what it needs at that moment (/proc, cpu.pressure, the runner's counters); nothing is
+read between requests, so an unscraped runner costs nothing more."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from runner import httpd
+from runner.log import log
+from runner.node import procfs
+from runner.node.cgroupfs import CgroupError
+from runner.run import metrics
+from runner.run.metrics import Pressure, Sample, VcpuSample
+
+if TYPE_CHECKING:
+    from prometheus_client.metrics_core import Metric
+
+    from runner.run.steps import Startup
+
+# The text format every Prometheus and agent reads (the escaping of names this old format
+# needs changes nothing: ours are plain).
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class VcpuCounters:
+    """Each vCPU's counters, read from /proc when asked. The last reading is kept: once QEMU
+    has exited its threads are gone, and the totals logged at exit come from here."""
+
+    def __init__(self) -> None:
+        self.last: dict[int, VcpuSample] = {}
+
+    def read(self, s: Startup) -> tuple[VcpuSample, ...]:
+        qemu = s.guest.qemu
+        if qemu is None:
+            return ()
+        cpu_of = {p.vcpu: p.cpu for p in s.placed}
+        instance = s.cgroups.instance if s.cgroups is not None else None
+        for vcpu, tid in sorted(s.vcpu_tids.items()):
+            cpu = cpu_of.get(vcpu)
+            try:
+                t = procfs.thread(qemu.pid, tid)
+            except (OSError, KeyError, ValueError):
+                if vcpu in self.last:  # gone with QEMU: what it had, no longer placed
+                    self.last[vcpu] = _unplaced(self.last[vcpu])
+                continue
+            self.last[vcpu] = VcpuSample(
+                vcpu=vcpu,
+                cpu=cpu,
+                run_ns=t.run_ns,
+                delay_ns=t.delay_ns,
+                involuntary=t.involuntary,
+                placed=cpu is not None and t.cgroup == instance and t.allowed == {cpu},
+            )
+        return tuple(self.last[v] for v in sorted(self.last))
+
+
+def _unplaced(v: VcpuSample) -> VcpuSample:
+    return VcpuSample(v.vcpu, v.cpu, v.run_ns, v.delay_ns, v.involuntary, False)
+
+
+def guest_status(s: Startup) -> str:
+    qemu = s.guest.qemu
+    if qemu is None:
+        return "starting"
+    if not qemu.running:
+        return "exited"
+    return s.guest.status
+
+
+def pressure(s: Startup) -> dict[str, Pressure]:
+    if s.cgroups is None or s.pre.isolation is None:
+        return {}
+    out = {}
+    for label, cgroup in (("instance", s.cgroups.instance), ("float", s.cgroups.float)):
+        try:
+            out[label] = metrics.parse_pressure(s.pre.iso.cg.read(cgroup, "cpu.pressure"))
+        except (CgroupError, ValueError):
+            continue  # no PSI in this kernel (psi=0), or the cgroup is going away
+    return out
+
+
+def sample(s: Startup) -> Sample:
+    iso = s.pre.isolation
+    keeper = s.keeper
+    return Sample(
+        name=s.pre.spec.name,
+        pod_uid=iso.pod.pod_uid if iso else "",
+        isolation="on" if iso else "off",
+        mode="controller" if s.opts.controller_socket else "embedded",
+        guest_status=guest_status(s),
+        vcpus=s.vcpu_counters.read(s),
+        pressure=pressure(s),
+        repins=keeper.repins if keeper else 0,
+        drifts=keeper.drifts if keeper else 0,
+        moved_to_float=keeper.moved_to_float if keeper else 0,
+        orphans_reaped=s.reaper.orphans_reaped,
+        restarts=dict(s.reaper.restarts),
+        step_seconds=dict(s.step_seconds),
+        running_after=s.running_after,
+    )
+
+
+def stale_monitors(s: Startup, now: float) -> dict[str, float]:
+    """Monitors later than they should be: the vCPU check runs every --verify-interval."""
+    keeper, interval = s.keeper, s.opts.verify_interval
+    if s.phase != "running" or keeper is None or interval <= 0:
+        return {}
+    age = now - keeper.last_round
+    return {"verify": age} if age > 3 * interval + 5 else {}
+
+
+def routes(s: Startup) -> dict[str, httpd.Route]:
+    # Imported here: only a runner that serves metrics pays for the import (~0.1 s).
+    from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
+    from prometheus_client.registry import Collector
+
+    class Instance(Collector):
+        def collect(self) -> Iterator[Metric]:
+            yield from metrics.families(sample(s))
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(Instance())
+    ProcessCollector(registry=registry)  # the runner's own CPU time and memory
+
+    def scrape() -> httpd.Reply:
+        return 200, generate_latest(registry).decode(), CONTENT_TYPE
+
+    def health() -> httpd.Reply:
+        return metrics.healthz(s.monitor_errors, stale_monitors(s, time.monotonic()))
+
+    def ready() -> httpd.Reply:
+        status = guest_status(s)
+        return metrics.readyz(s.phase, status, s.vcpu_counters.read(s), s.pre.isolation is not None)
+
+    return {"/metrics": scrape, "/healthz": health, "/readyz": ready}
+
+
+def log_vcpu_totals(s: Startup) -> None:
+    """One line per vCPU at the end: what it waited, ran and lost over the guest's life."""
+    for v in s.vcpu_counters.read(s):
+        log.info(
+            "vcpu-totals",
+            vcpu=v.vcpu,
+            cpu=v.cpu,
+            run_delay_s=round(v.delay_ns / 1e9, 6),
+            cpu_s=round(v.run_ns / 1e9, 3),
+            involuntary_switches=v.involuntary,
+        )
