@@ -20,6 +20,8 @@ INSIDE = [
     # TCG inside TCG: a real guest needs minutes here. One run proves the whole chain isolated.
     pytest.param("test_guest_smoke.py", ["--cpus", "4", "--memory", "3072"], [], id="guest-smoke"),
     pytest.param("test_faults.py", ["--cpus", "4"], [], id="faults"),
+    # Metrics, probes and inspect: what an operator sees of a running instance.
+    pytest.param("test_observe.py", ["--cpus", "4"], [], id="observe"),
     # Two NUMA nodes of two cores with two hyperthreads (node0 = CPUs 0-3, node1 = 4-7), and
     # an emulated NIC behind an IOMMU on node 1 for VFIO.
     pytest.param(

@@ -294,6 +294,7 @@ class Daemon:
         self.socket = Path(f"/run/ctl-{os.getpid()}-{id(self):x}.sock")
         self.log = tmp / "controller.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.extra: tuple[str, ...] = ()  # more controller options
 
     def start(self) -> Daemon:
         self.node.podsim("state")  # kubelet has written its state before the DaemonSet runs
@@ -309,6 +310,7 @@ class Daemon:
                 "1",
                 "--resync-interval",
                 "2",
+                *self.extra,
             ],
             stderr=open(self.log, "ab"),  # noqa: SIM115 - the daemon owns it
         )

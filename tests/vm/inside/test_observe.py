@@ -1,0 +1,266 @@
+"""The runner and the controller seen from outside, on a real kernel: /metrics scraped and
+parsed by Prometheus's own parser, /readyz before and after `cont`, the counters moving when
+the thing they count happens, and the vCPU run delay under an exec'd noisy neighbour with and
+without isolation."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from .conftest import Node, wait_for
+from .pods import (
+    FLOAT,
+    INSTANCES,
+    Daemon,
+    RunnerPod,
+    assert_nothing_left,
+    container_of,
+    events,
+    host_vcpus,
+    start_runner,
+    write_spec,
+)
+
+Metrics = dict[str, dict[tuple[tuple[str, str], ...], float]]
+NOISE = "while :; do :; done"
+
+
+def get(address: str, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://{address}{path}", timeout=30) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def scrape(address: str) -> Metrics:
+    code, text = get(address, "/metrics")
+    assert code == 200, text
+    out: Metrics = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out.setdefault(s.name, {})[tuple(sorted(s.labels.items()))] = s.value
+    return out
+
+
+def spinning_disk(tmp: Path) -> Path:
+    """A boot sector that spins for ever (`jmp $`): vCPU 0 is always runnable, so every moment
+    it waits for a CPU shows as run delay. No OS: it starts in a second, even under TCG."""
+    disk = tmp / "spin.img"
+    sector = bytearray(512)
+    sector[0:2] = b"\xeb\xfe"
+    sector[510:512] = b"\x55\xaa"
+    disk.write_bytes(bytes(sector) + bytes(1024 * 1024 - 512))  # SeaBIOS skips a tiny disk
+    return disk
+
+
+def exec_busy(rp: RunnerPod) -> subprocess.Popen[bytes]:
+    """A busy process as `kubectl exec` makes one: in the pod's PID namespace and its container
+    cgroup. The pod's PID 1 sees it (a process from outside shows as pid 0 there)."""
+    procs = container_of(rp.pod.uid) / "cgroup.procs"
+    return subprocess.Popen(
+        [
+            *("nsenter", "--target", str(rp.runner_pid()), "--pid", "--"),
+            *("sh", "-c", f'echo $$ > "$0" && exec sh -c "{NOISE}"', str(procs)),
+        ],
+        start_new_session=True,
+    )
+
+
+def kill(p: subprocess.Popen[bytes]) -> None:
+    os.killpg(p.pid, signal.SIGKILL)  # nsenter and the busy child it forked
+    p.wait()
+
+
+def by_vcpu(samples: dict[tuple[tuple[str, str], ...], float]) -> dict[int, float]:
+    return {int(dict(k)["vcpu"]): v for k, v in samples.items()}
+
+
+def test_readyz_fails_before_cont_and_health_answers_during_start_up(
+    node: Node, tmp_path: Path
+) -> None:
+    address = "127.0.0.1:9471"
+    rp = start_runner(node, tmp_path, "1-2", "--pause-before", "cont", "--metrics-address", address)
+    wait_for(
+        lambda: (rp.run_dir / "paused").exists() or rp.pod.proc.poll() is not None,
+        timeout=180,
+        what="the runner to pause before cont",
+    )
+    assert rp.pod.proc.poll() is None, rp.pod.proc.communicate()[1]
+    code, text = get(address, "/readyz")
+    assert code == 503 and "not running: cont" in text
+    assert get(address, "/healthz") == (200, "ok\n")
+    m = scrape(address)
+    # Pinned, not yet running: placed, and QEMU's own word for a guest not started.
+    assert set(by_vcpu(m["instance_runner_vcpu_placement_ok"]).values()) == {1}
+    status = {dict(k)["status"]: v for k, v in m["instance_runner_guest_status"].items()}
+    assert status["prelaunch"] + status["paused"] == 1 and status["running"] == 0
+    rp.pod.proc.send_signal(signal.SIGTERM)
+    code, _err = rp.finish()
+    assert code == 128 + signal.SIGTERM
+    assert_nothing_left(rp.pod.uid)
+
+
+def start_spinner(
+    node: Node, tmp: Path, address: str, *args: str, cpus: str = "1-2"
+) -> tuple[RunnerPod, dict]:
+    spec = write_spec(tmp, vcpus=2, disks=[{"path": str(spinning_disk(tmp)), "format": "raw"}])
+    rp = start_runner(
+        node,
+        tmp,
+        cpus,
+        "--metrics-address",
+        address,
+        "--shutdown-timeout",
+        "0",  # no OS to answer the power button
+        *args,
+        spec=spec,
+    )
+    return rp, rp.wait_ready()
+
+
+def stop(rp: RunnerPod) -> str:
+    rp.pod.proc.send_signal(signal.SIGTERM)
+    code, err = rp.finish()
+    assert code == 124, err  # QEMU told to quit: the boot sector ignores the power button
+    return err
+
+
+def test_a_running_instance_is_seen_whole(node: Node, tmp_path: Path) -> None:
+    """Controller mode: every metric of the runner with its labels, the counters moving when a
+    vCPU is moved behind the runner's back, and the controller's own metrics beside it."""
+    daemon = Daemon(node, tmp_path)
+    daemon.extra = ("--health-address", "127.0.0.1:9472")
+    daemon.start()
+    try:
+        address = "127.0.0.1:9473"
+        rp, ready = start_spinner(
+            node, tmp_path, address, "--controller-socket", str(daemon.socket)
+        )
+        assert get(address, "/readyz") == (200, "ready\n")
+        assert get(address, "/healthz") == (200, "ok\n")
+        m = scrape(address)
+        pinned = {v["vcpu"]: v["cpu"] for v in ready["vcpus"]}
+        labels = {(("cpu", str(c)), ("vcpu", str(v))) for v, c in pinned.items()}
+        for name in (
+            "instance_runner_vcpu_delay_seconds_total",
+            "instance_runner_vcpu_seconds_total",
+            "instance_runner_vcpu_involuntary_switches_total",
+            "instance_runner_vcpu_placement_ok",
+        ):
+            assert set(m[name]) == labels, name
+        assert set(m["instance_runner_vcpu_placement_ok"].values()) == {1}
+        assert by_vcpu(m["instance_runner_vcpu_seconds_total"])[0] > 0  # the spinning one
+        for name in (
+            "instance_runner_cpu_pressure_waiting_seconds_total",
+            "instance_runner_cpu_pressure_stalled_seconds_total",
+        ):
+            assert {dict(k)["cgroup"] for k in m[name]} == {"instance", "float"}, name
+        for name in (
+            "instance_runner_vcpu_repins_total",
+            "instance_runner_vcpu_drifts_total",
+            "instance_runner_moved_to_float_total",
+            "instance_runner_orphans_reaped_total",
+            "instance_runner_startup_seconds",
+        ):
+            assert () in m[name], name
+        assert "instance_runner_child_restarts_total" not in m or all(
+            v == 0 for v in m["instance_runner_child_restarts_total"].values()
+        )
+        steps = {dict(k)["step"] for k in m["instance_runner_startup_step_seconds"]}
+        assert {"http", "anchor", "cgroups", "float", "qemu", "qmp", "pin", "cont"} <= steps
+        status = {dict(k)["status"]: v for k, v in m["instance_runner_guest_status"].items()}
+        assert status["running"] == 1 and sum(status.values()) == 1
+        info = dict(next(iter(m["instance_runner_info"])))
+        assert (info["mode"], info["pod_uid"]) == ("controller", rp.pod.uid)
+
+        # A vCPU moved off its CPU behind the runner's back: counted, put back, placed again.
+        vcpu0 = host_vcpus(rp, ready)[0]
+        os.sched_setaffinity(vcpu0["tid"], set(pinned.values()))  # (the cpuset allows no other)
+        wait_for(
+            lambda: scrape(address)["instance_runner_vcpu_repins_total"][()] >= 1,
+            timeout=30,
+            what="the repin to be counted",
+        )
+        m = scrape(address)
+        assert m["instance_runner_vcpu_drifts_total"][()] >= 1
+        assert set(m["instance_runner_vcpu_placement_ok"].values()) == {1}
+        # A process exec'd into the container cgroup: swept to float, and counted.
+        hog = exec_busy(rp)
+        try:
+            wait_for(
+                lambda: scrape(address)["instance_runner_moved_to_float_total"][()] >= 1,
+                timeout=30,
+                what="the sweep to be counted",
+            )
+            (busy,) = Path(f"/proc/{hog.pid}/task/{hog.pid}/children").read_text().split()
+            assert Path(f"/proc/{busy}/cgroup").read_text().strip() == "0::/instances/float"
+        finally:
+            kill(hog)
+
+        c = scrape("127.0.0.1:9472")
+        requests = {
+            (dict(k)["method"], dict(k)["result"]): v
+            for k, v in c["instance_runner_controller_requests_total"].items()
+        }
+        assert requests[("registerCgroup", "ok")] >= 1
+        assert c["instance_runner_controller_instances"][()] == 1
+        float_now = (FLOAT / "cpuset.cpus.effective").read_text().strip()
+        assert float_now == "0,3" and c["instance_runner_controller_float_cpus"][()] == 2
+        assert c["instance_runner_controller_reconcile_seconds_count"][()] >= 1
+        assert c["instance_runner_controller_open_connections"][()] >= 0
+
+        err = stop(rp)
+        totals = {e["vcpu"]: e for e in events(err, "vcpu-totals")}
+        assert sorted(totals) == [0, 1]
+        assert totals[0]["cpu"] == pinned[0] and totals[0]["cpu_s"] > 0
+        assert_nothing_left(rp.pod.uid)
+        c = scrape("127.0.0.1:9472")
+        requests = {
+            (dict(k)["method"], dict(k)["result"]): v
+            for k, v in c["instance_runner_controller_requests_total"].items()
+        }
+        assert requests[("deregisterCgroup", "ok")] >= 1
+        assert c["instance_runner_controller_instances"][()] == 0
+    finally:
+        if daemon.proc is not None and daemon.proc.poll() is None:
+            assert daemon.stop() == 0
+
+
+def test_a_noisy_neighbour_delays_vcpus_only_without_isolation(node: Node, tmp_path: Path) -> None:
+    """Four busy processes exec'd into a 2-CPU pod whose vCPU 0 always wants its CPU: isolated,
+    they are swept to the shared CPUs and vCPU 0 does not wait; with --isolation off they
+    share its CPUs, and its run delay grows with the time they take. (Four: with fewer, the
+    balancer may leave vCPU 0 a CPU of its own by chance.)"""
+    window = 5.0
+    growth: dict[str, float] = {}
+    for mode, args in (("isolated", ()), ("off", ("--isolation", "off"))):
+        work = tmp_path / mode
+        work.mkdir()
+        address = "127.0.0.1:9474"
+        rp, _ready = start_spinner(node, work, address, *args)
+        hogs = [exec_busy(rp) for _ in range(4)]
+        try:
+            time.sleep(2)  # isolated: swept within a second
+            before = by_vcpu(scrape(address)["instance_runner_vcpu_delay_seconds_total"])[0]
+            time.sleep(window)
+            after = by_vcpu(scrape(address)["instance_runner_vcpu_delay_seconds_total"])[0]
+        finally:
+            for hog in hogs:
+                kill(hog)
+        growth[mode] = after - before
+        print(f"{mode}: vCPU 0 waited {growth[mode]:.3f} s in {window:.0f} s")
+        stop(rp)
+        assert_nothing_left(rp.pod.uid)
+    # Off: five busy threads on two CPUs, vCPU 0 waits half the window or more. Isolated: ~0.
+    assert growth["off"] > 0.1 * window, growth
+    assert growth["off"] > 10 * growth["isolated"], growth
+    assert not list(INSTANCES.glob("instance-*"))
