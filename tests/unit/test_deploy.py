@@ -122,15 +122,9 @@ def test_controller_has_what_it_needs() -> None:
     )
     assert c["securityContext"]["privileged"] is True
     assert c["resources"]["requests"]["cpu"] and c["resources"]["requests"]["memory"]
-    for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
-        assert "exec" not in c.get(probe, {}), "an exec probe runs inside the container"
-    # Probes over HTTP, served by the controller itself at the address its env gives.
     env = {e["name"]: e["value"] for e in c["env"]}
-    _host, port = httpd.parse_address(env["INSTANCE_RUNNER_HEALTH_ADDRESS"])
-    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
-    for probe, path in (("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")):
-        get = c[probe]["httpGet"]
-        assert get["path"] == path and ports.get(get["port"], get["port"]) == port
+    template = resource("DaemonSet", "instance-runner-controller")["spec"]["template"]
+    assert_http_probes(template["metadata"], c, "INSTANCE_RUNNER_HEALTH_ADDRESS")
     mounts = {m["name"]: m for m in c["volumeMounts"]}
     volumes = {v["name"]: v for v in pod["volumes"]}
     kubelet = next(m for m in mounts.values() if m["mountPath"] == "/var/lib/kubelet")
@@ -140,6 +134,26 @@ def test_controller_has_what_it_needs() -> None:
     socket_dir = str(Path(env["INSTANCE_RUNNER_CONTROLLER_SOCKET"]).parent)
     sockets = next(m for m in mounts.values() if m["mountPath"] == socket_dir)
     assert volumes[sockets["name"]]["hostPath"]["type"] in ("Directory", "DirectoryOrCreate")
+
+
+def assert_http_probes(meta: dict, c: dict, address_env: str) -> None:
+    """Probes over HTTP, served by the program itself at the address its env gives, and
+    scraped there: an exec probe would run a process inside the container."""
+    for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+        assert "exec" not in c.get(probe, {}), "an exec probe runs inside the container"
+    env = {e["name"]: e["value"] for e in c["env"]}
+    _host, port = httpd.parse_address(env[address_env])
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    for probe, path in (("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")):
+        get = c[probe]["httpGet"]
+        assert get["path"] == path and ports.get(get["port"], get["port"]) == port
+    assert meta["annotations"]["prometheus.io/port"] == str(port)
+
+
+def test_example_vm_pod_probes_and_is_scraped_over_http() -> None:
+    doc = resource("Pod", "example-vm")
+    _, c = container("Pod", "example-vm")
+    assert_http_probes(doc["metadata"], c, "INSTANCE_RUNNER_METRICS_ADDRESS")
 
 
 def quantity_mib(text: str) -> int:
