@@ -41,6 +41,7 @@ ROWS = [
             "run": r,
             "window_s": 10.0,
             "run_delay_ms": [d, d],
+            "metric_delay_ms": [d, d],
             "involuntary": [i, i],
             "cpu_share": [c, c],
             "psi_some_pct": p,
@@ -58,6 +59,17 @@ ROWS = [
             "cpu_pct": c,
             "wakeups_per_s": s,
             "startup_ms": t,
+            **(
+                {
+                    "scraped_cpu_pct": 0.6,
+                    "scraped_wakeups_per_s": 3.2,
+                    "scrape_cpu_ms": 4.0,
+                    "quiet_cpu_pct": 0.5,
+                    "quiet_wakeups_per_s": 1.6,
+                }
+                if w == "runner"
+                else {}
+            ),
         }
         for w, k, c, s, t in (("runner", 40960, 0.5, 3.0, 3000), ("floor", 20480, 0.01, 0.1, 2000))
         for r in range(5)
@@ -88,6 +100,12 @@ def test_summary_medians_spreads_and_ratios() -> None:
         in (text)
     )
     assert "| runner / QEMU alone | 2.0x | |" in text
+    assert "| the same from `instance_runner_vcpu_delay_seconds_total` | 0.10 (0.10-0.10) |" in text
+    assert (
+        "| wakeups per s, scraped every 15 s (runner) / not scraped (runner) | 3.20 (3.20-3.20) "
+        "| 1.60 (1.60-1.60) | 2.0x |" in text
+    )
+    assert "| CPU per scrape of /metrics, ms | 4.00 (4.00-4.00) | | |" in text
     for b in bench.BENCHES:
         assert f"`cmd-{b}`" in text
 

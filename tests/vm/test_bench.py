@@ -28,5 +28,7 @@ def test_bench_inside_measures_runner_and_baseline(testvm: VMRunner) -> None:
     assert set(cost) == {"runner", "floor"}
     assert cost["runner"]["rss_kib"] > 10_000  # a Python process, not a misread field
     assert cost["runner"]["startup_ms"] > 0 and cost["floor"]["startup_ms"] > 0
+    # Scraped: /metrics answered, and a scrape cost the runner some CPU.
+    assert cost["runner"]["scrape_cpu_ms"] > 0 and cost["runner"]["scraped_wakeups_per_s"] > 0
     machines = [row for row in rows if row["bench"] == "machine"]
     assert machines and machines[0]["vm_cpus"] == 4
