@@ -304,6 +304,85 @@ def topology(sysfs: str, record: bool, pod_cpus: str | None, spec_path: str | No
     click.echo(json.dumps(doc, indent=1))
 
 
+@cli.command()
+@option("--json", "as_json", env="JSON", is_flag=True, help="Print JSON for scripts.")
+@option(
+    "--pod",
+    "pod_uid",
+    env="POD",
+    metavar="UID",
+    help="On the node: show this pod's instance [default: every instance on the node, or "
+    "inside a VM pod its own].",
+)
+@option(
+    "--run-dir",
+    env="RUN_DIR",
+    metavar="DIR",
+    help="The runner's run directory, whose 'ready' file names QEMU and each vCPU's thread "
+    f"and CPU: inside the pod, which instance is ours [default: {RUN_DIR_BASE}/<pod uid>]; "
+    "with --pod, where each vCPU's CPU is read.",
+)
+@option(
+    "--cgroup-root",
+    env="CGROUP_ROOT",
+    default="/sys/fs/cgroup/instances",
+    help="Directory holding float/ and instance-<pod uid>/.",
+)
+@option(
+    "--cgroup-mount",
+    env="CGROUP_MOUNT",
+    default="/sys/fs/cgroup",
+    help="Where the cgroup v2 hierarchy is mounted.",
+)
+def inspect(
+    as_json: bool, pod_uid: str | None, run_dir: str | None, cgroup_root: str, cgroup_mount: str
+) -> None:
+    """Show every thread of a VM pod and check the pinning invariants.
+
+    Inside a VM pod (kubectl exec) it shows its own instance; on the node, --pod UID shows
+    that pod's, and no option every instance under --cgroup-root. Each thread with its role
+    (vCPU n, QEMU main, IO thread, helper, runner, anchor), cgroup, allowed CPUs, the CPU it
+    last ran on, that CPU's NUMA node and its run-queue delay. Marked with '!': a vCPU off
+    its CPU or out of the instance cgroup, anything else on a dedicated CPU or in the
+    instance cgroup, a process other than the anchor in the container cgroup. Exit status 0
+    when every invariant holds, 1 when one is broken.
+    """
+    import json
+    import signal
+
+    from runner import kube, podview
+    from runner.node import podscan
+    from runner.node.cgroupfs import CgroupFS
+    from runner.node.layout import Layout
+
+    # A short-lived command: Ctrl-C and SIGTERM stop it at once (early.py only remembers them).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    cg = CgroupFS(cgroup_mount)
+    try:
+        layout = Layout(cg, cg.relative(cgroup_root))
+    except ValueError:
+        raise click.UsageError(f"--cgroup-root {cgroup_root} is not below {cgroup_mount}") from None
+    try:
+        if pod_uid is not None:
+            uid = kube.normalise_uid(pod_uid)
+            if uid is None:
+                raise click.UsageError(f"--pod {pod_uid!r} is not a pod UID")
+            ready = Path(run_dir or f"{RUN_DIR_BASE}/{uid}") / "ready"
+            pods = [podscan.on_node(layout, uid, ready)]
+        else:
+            own = Path(run_dir) if run_dir else podscan.own_run_dir(RUN_DIR_BASE)
+            pods = [podscan.in_pod(own, cg)] if own else podscan.all_on_node(layout, RUN_DIR_BASE)
+    except podscan.ScanError as e:
+        raise click.ClickException(str(e)) from None
+    reports = [podview.inspect(p) for p in pods]
+    if as_json:
+        click.echo(json.dumps(podview.document(reports), indent=1))
+    else:
+        click.echo(podview.tables(reports))
+    sys.exit(0 if all(r.ok for r in reports) else 1)
+
+
 def main() -> None:
     try:
         cli.main(standalone_mode=False)

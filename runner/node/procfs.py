@@ -109,6 +109,11 @@ def involuntary_switches(pid: int, tid: int) -> int:
     return int(parse_status((_task(pid, tid) / "status").read_text())["nonvoluntary_ctxt_switches"])
 
 
+def tgid(tid: int) -> int:
+    """The process a thread belongs to (cgroup.threads lists threads alone)."""
+    return int(parse_status(Path(f"/proc/{tid}/status").read_text())["Tgid"])
+
+
 def thread(pid: int, tid: int) -> ThreadView:
     """Everything about one thread; OSError if it went away while being read."""
     base = _task(pid, tid)
