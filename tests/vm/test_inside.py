@@ -1,4 +1,5 @@
-"""Boots the test VM and runs tests/vm/inside/<module> there, as root on pure cgroup v2."""
+"""Boots the test VM and runs tests/vm/inside/<module> there (or several modules, in one
+VM), as root on pure cgroup v2."""
 
 from __future__ import annotations
 
@@ -20,8 +21,9 @@ INSIDE = [
     # TCG inside TCG: a real guest needs minutes here. One run proves the whole chain isolated.
     pytest.param("test_guest_smoke.py", ["--cpus", "4", "--memory", "3072"], [], id="guest-smoke"),
     pytest.param("test_faults.py", ["--cpus", "4"], [], id="faults"),
-    # Metrics, probes and inspect: what an operator sees of a running instance.
-    pytest.param("test_observe.py", ["--cpus", "4"], [], id="observe"),
+    # Metrics, probes and inspect: what an operator sees of a running instance (two modules,
+    # one test VM).
+    pytest.param("test_observe.py test_inspect.py", ["--cpus", "4"], [], id="observe"),
     # Two NUMA nodes of two cores with two hyperthreads (node0 = CPUs 0-3, node1 = 4-7), and
     # an emulated NIC behind an IOMMU on node 1 for VFIO.
     pytest.param(
@@ -62,7 +64,7 @@ def test_inside_vm(testvm: VMRunner, module: str, vm_args: list[str], select: li
         "-rfE",
         "--color=no",
         "--durations=10",
-        f"tests/vm/inside/{module}",
+        *(f"tests/vm/inside/{m}" for m in module.split()),
         *select,
         timeout=2000,
     )
