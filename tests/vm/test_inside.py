@@ -21,9 +21,6 @@ INSIDE = [
     # TCG inside TCG: a real guest needs minutes here. One run proves the whole chain isolated.
     pytest.param("test_guest_smoke.py", ["--cpus", "4", "--memory", "3072"], [], id="guest-smoke"),
     pytest.param("test_faults.py", ["--cpus", "4"], [], id="faults"),
-    # Metrics, probes and inspect: what an operator sees of a running instance (two modules,
-    # one test VM).
-    pytest.param("test_observe.py test_inspect.py", ["--cpus", "4"], [], id="observe"),
     # Two NUMA nodes of two cores with two hyperthreads (node0 = CPUs 0-3, node1 = 4-7), and
     # an emulated NIC behind an IOMMU on node 1 for VFIO.
     pytest.param(
@@ -32,6 +29,9 @@ INSIDE = [
         [],
         id="topology",
     ),
+    # Metrics, probes and inspect: what an operator sees of a running instance (two modules,
+    # one test VM).
+    pytest.param("test_observe.py test_inspect.py", ["--cpus", "4"], [], id="observe"),
     # 6.2+ keeps a thread's requested affinity across cpuset changes: float growing under
     # running threads is proven again on 6.12.
     pytest.param(
