@@ -4,6 +4,7 @@ Plan or a PlanError."""
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
 import attrs
@@ -31,6 +32,15 @@ class Plan:
     def placement(self) -> tuple[int, ...]:
         """placement[vcpu index] = host CPU"""
         return self.layout.placement
+
+
+def in_place(
+    cgroup: str, allowed: Collection[int], instance_cgroup: str | None, cpu: int | None
+) -> bool:
+    """The one rule of a placed vCPU: in the instance cgroup, allowed on its own CPU alone.
+    Pinning checks it, the keeper re-checks it, /metrics and /readyz report it (inspect
+    tells its two halves apart for people)."""
+    return cpu is not None and cgroup == instance_cgroup and allowed == {cpu}
 
 
 @attrs.frozen

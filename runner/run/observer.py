@@ -12,6 +12,7 @@ from runner import httpd
 from runner.log import log
 from runner.node import procfs
 from runner.node.cgroupfs import CgroupError
+from runner.plan import in_place
 from runner.run import metrics
 from runner.run.metrics import Pressure, Sample, VcpuSample
 
@@ -52,7 +53,7 @@ class VcpuCounters:
                 run_ns=t.run_ns,
                 delay_ns=t.delay_ns,
                 involuntary=t.involuntary,
-                placed=cpu is not None and t.cgroup == instance and t.allowed == {cpu},
+                placed=in_place(t.cgroup, t.allowed, instance, cpu),
             )
         return tuple(self.last[v] for v in sorted(self.last))
 

@@ -15,7 +15,7 @@ import trio
 from runner import cpus
 from runner.log import log
 from runner.node.cgroupfs import CgroupError, CgroupFS, thread_cgroup
-from runner.plan import Placed
+from runner.plan import Placed, in_place
 from runner.run.options import StartupError
 
 
@@ -31,7 +31,7 @@ def place_vcpu(cg: CgroupFS, instance_cg: str, qemu_pid: int, p: Placed) -> None
         raise StartupError(
             f"cannot pin vCPU {p.vcpu} (thread {p.tid}) to CPU {p.cpu}: {e}"
         ) from None
-    if in_cgroup != instance_cg or allowed != {p.cpu}:
+    if not in_place(in_cgroup, allowed, instance_cg, p.cpu):
         raise StartupError(
             f"vCPU {p.vcpu} (thread {p.tid}) did not stay pinned: "
             f"cgroup {in_cgroup}, CPUs {cpus.format(allowed)}"
@@ -98,7 +98,7 @@ class Keeper:
         for p in self.placed:
             in_cgroup = thread_cgroup(self.qemu_pid, p.tid)
             allowed = os.sched_getaffinity(p.tid)
-            if in_cgroup == self.instance_cg and allowed == {p.cpu}:
+            if in_place(in_cgroup, allowed, self.instance_cg, p.cpu):
                 continue
             self.drifts += 1
             log.warning(

@@ -101,3 +101,12 @@ def test_qemu_argv_kernel_kvm_extra() -> None:
         "stdio",
     ]
     assert "-cpu" in argv and argv[argv.index("-cpu") + 1] == "host"
+
+
+def test_a_vcpu_is_in_place_only_in_the_instance_cgroup_on_its_cpu_alone() -> None:
+    inst = "/instances/instance-u"
+    assert plan.in_place(inst, {3}, inst, 3)
+    assert plan.in_place(inst, frozenset({3}), inst, 3)
+    assert not plan.in_place(inst, {3, 4}, inst, 3)  # sharing a CPU it does not own
+    assert not plan.in_place("/instances/float", {3}, inst, 3)
+    assert not plan.in_place(inst, {3}, inst, None)  # not pinned (isolation off)
