@@ -59,7 +59,8 @@ class Sample:
     pressure: Mapping[str, Pressure] = attrs.Factory(dict)  # "instance" / "float" -> totals
     repins: int = 0
     drifts: int = 0
-    moved_to_float: int = 0
+    moved_to_float: int = 0  # processes, out of the container cgroup
+    evicted: int = 0  # threads that were no vCPU, out of the instance cgroup
     orphans_reaped: int = 0
     restarts: Mapping[str, int] = attrs.Factory(dict)  # child -> restarts
     step_seconds: Mapping[str, float] = attrs.Factory(dict)
@@ -141,14 +142,19 @@ def families(s: Sample) -> Iterator[Metric]:
     for name, value, text in (
         ("vcpu_drifts", s.drifts, "vCPU threads found off their cgroup or CPU."),
         ("vcpu_repins", s.repins, "vCPU threads put back after a drift."),
-        (
-            "moved_to_float",
-            s.moved_to_float,
-            "Processes moved out of the container cgroup (exec, probes) to the shared CPUs.",
-        ),
         ("orphans_reaped", s.orphans_reaped, "Orphaned processes reaped as PID 1."),
     ):
         yield CounterMetricFamily(PREFIX + name, text, value=value)
+
+    moved = CounterMetricFamily(
+        PREFIX + "moved_to_float",
+        "Moved to float, off the dedicated CPUs: processes from the container cgroup (exec, "
+        "probes), threads that were no vCPU from the instance cgroup.",
+        labels=["from"],
+    )
+    moved.add_metric(["container"], s.moved_to_float)
+    moved.add_metric(["instance"], s.evicted)
+    yield moved
 
     restarts = CounterMetricFamily(
         PREFIX + "child_restarts",

@@ -97,6 +97,7 @@ def sample(s: Startup) -> Sample:
         repins=keeper.repins if keeper else 0,
         drifts=keeper.drifts if keeper else 0,
         moved_to_float=keeper.moved_to_float if keeper else 0,
+        evicted=keeper.evicted if keeper else 0,
         orphans_reaped=s.reaper.orphans_reaped,
         restarts=dict(s.reaper.restarts),
         step_seconds=dict(s.step_seconds),

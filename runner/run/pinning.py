@@ -68,7 +68,8 @@ class Keeper:
         self.anchor_pid = anchor_pid
         self.repins = 0
         self.drifts = 0
-        self.moved_to_float = 0
+        self.moved_to_float = 0  # processes out of the container cgroup
+        self.evicted = 0  # threads out of the instance cgroup that were no vCPU
         self.last_round = time.monotonic()  # when a round of checks last finished
         self._failing: str | None = None
 
@@ -79,6 +80,7 @@ class Keeper:
             await trio.sleep(interval)
             try:
                 self.check_vcpus()
+                self.sweep_instance()
                 self.sweep_container()
             except (CgroupError, OSError) as e:
                 if not Path(f"/proc/{self.qemu_pid}").exists():
@@ -116,6 +118,30 @@ class Keeper:
             else:
                 self.repins += 1
                 log.warning("vcpu-repinned", vcpu=p.vcpu, tid=p.tid, cpu=p.cpu)
+
+    def sweep_instance(self) -> None:
+        """The instance cgroup is for the vCPUs alone: any other thread written there (by
+        hand, by a tool that moves a whole thread group) shares their CPUs. It goes to float.
+        A thread shown as 0 is outside our PID namespace: not ours to move, inspect marks it."""
+        vcpus = {p.tid for p in self.placed}
+        strays = [t for t in self.cg.threads(self.instance_cg) if t > 0 and t not in vcpus]
+        if not strays:
+            return
+        float_cpus = self.cg.cpus(self.float_cg)
+        for tid in strays:
+            try:
+                self.cg.move_thread(self.float_cg, tid)
+                os.sched_setaffinity(tid, float_cpus)
+            except (CgroupError, OSError) as e:
+                if Path(f"/proc/{self.qemu_pid}/task/{tid}").exists():
+                    log.warning("instance-evict-failed", tid=tid, error=str(e))
+                continue
+            self.evicted += 1
+            log.warning(
+                "thread-evicted",
+                tid=tid,
+                detail="a thread that is no vCPU was in the instance cgroup, on the vCPUs' CPUs",
+            )
 
     def sweep_container(self) -> None:
         """Anything in the container cgroup but the anchor shares the dedicated CPUs with

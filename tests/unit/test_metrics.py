@@ -27,6 +27,7 @@ SAMPLE = Sample(
     repins=1,
     drifts=2,
     moved_to_float=3,
+    evicted=5,
     orphans_reaped=4,
     restarts={"anchor": 1, "dnsmasq-vm0": 2},
     step_seconds={"anchor": 0.01, "pin": 0.02},
@@ -68,7 +69,10 @@ def test_every_metric_with_its_labels() -> None:
     }
     assert m["instance_runner_vcpu_repins_total"] == {(): 1}
     assert m["instance_runner_vcpu_drifts_total"] == {(): 2}
-    assert m["instance_runner_moved_to_float_total"] == {(): 3}
+    assert m["instance_runner_moved_to_float_total"] == {
+        (("from", "container"),): 3,
+        (("from", "instance"),): 5,
+    }
     assert m["instance_runner_orphans_reaped_total"] == {(): 4}
     assert m["instance_runner_child_restarts_total"] == {
         (("child", "anchor"),): 1,

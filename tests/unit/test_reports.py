@@ -45,8 +45,14 @@ ROWS = [
             "involuntary": [i, i],
             "cpu_share": [c, c],
             "psi_some_pct": p,
+            "dedicated_cpus": 3 if m == "kubevirt" else 2,
+            "main_delay_ms": 10.0 * d,
         }
-        for m, d, i, c, p in (("isolated", 1.0, 5, 0.99, 0.1), ("shared", 6000.0, 900, 0.33, 66.0))
+        for m, d, i, c, p in (
+            ("isolated", 1.0, 5, 0.99, 0.1),
+            ("shared", 6000.0, 900, 0.33, 66.0),
+            ("kubevirt", 3000.0, 400, 0.6, 40.0),
+        )
         for r in range(5)
     ),
     *(
@@ -95,10 +101,13 @@ def test_summary_medians_spreads_and_ratios() -> None:
         {b: f"cmd-{b}" for b in bench.BENCHES},
     )
     assert "| 2 | 22.0 (20.0-24.0) | 0.20 (0.20-0.20) | 110.0x |" in text
+    assert "| per vCPU | isolated | shared | KubeVirt's layout | shared / isolated |" in text
     assert (
-        "| run-queue delay, ms per s | 0.10 (0.10-0.10) | 600.00 (600.00-600.00) | 6000.0x |"
-        in (text)
+        "| run-queue delay, ms per s | 0.10 (0.10-0.10) | 600.00 (600.00-600.00) "
+        "| 300.00 (300.00-300.00) | 6000.0x |" in text
     )
+    assert "| dedicated CPUs per VM (2 vCPUs) | 2 (2-2) | 2 (2-2) | 3 (3-3) | 1.0x |" in text
+    assert "| QEMU main loop's run-queue delay, ms per s | 1.00 (1.00-1.00) |" in text
     assert "| runner / QEMU alone | 2.0x | |" in text
     assert "| the same from `instance_runner_vcpu_delay_seconds_total` | 0.10 (0.10-0.10) |" in text
     assert (

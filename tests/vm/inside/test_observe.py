@@ -26,10 +26,13 @@ from .pods import (
     events,
     host_vcpus,
     start_runner,
+    task_cgroup,
+    tasks,
     write_spec,
 )
 
 Metrics = dict[str, dict[tuple[tuple[str, str], ...], float]]
+CONTAINER, INSTANCE = (("from", "container"),), (("from", "instance"),)
 NOISE = "while :; do :; done"
 
 
@@ -78,6 +81,14 @@ def exec_busy(rp: RunnerPod) -> subprocess.Popen[bytes]:
 def kill(p: subprocess.Popen[bytes]) -> None:
     os.killpg(p.pid, signal.SIGKILL)  # nsenter and the busy child it forked
     p.wait()
+
+
+def tgid_of(tid: int) -> int:
+    return int(Path(f"/proc/{tid}/status").read_text().split("\nTgid:")[1].split()[0])
+
+
+def comm_of(pid: int, tid: int) -> str:
+    return Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
 
 
 def by_vcpu(samples: dict[tuple[tuple[str, str], ...], float]) -> dict[int, float]:
@@ -167,7 +178,6 @@ def test_a_running_instance_is_seen_whole(node: Node, tmp_path: Path) -> None:
         for name in (
             "instance_runner_vcpu_repins_total",
             "instance_runner_vcpu_drifts_total",
-            "instance_runner_moved_to_float_total",
             "instance_runner_orphans_reaped_total",
             "instance_runner_startup_seconds",
         ):
@@ -197,7 +207,7 @@ def test_a_running_instance_is_seen_whole(node: Node, tmp_path: Path) -> None:
         hog = exec_busy(rp)
         try:
             wait_for(
-                lambda: scrape(address)["instance_runner_moved_to_float_total"][()] >= 1,
+                lambda: scrape(address)["instance_runner_moved_to_float_total"][CONTAINER] >= 1,
                 timeout=30,
                 what="the sweep to be counted",
             )
@@ -205,6 +215,18 @@ def test_a_running_instance_is_seen_whole(node: Node, tmp_path: Path) -> None:
             assert Path(f"/proc/{busy}/cgroup").read_text().strip() == "0::/instances/float"
         finally:
             kill(hog)
+
+        # A thread that is no vCPU written into the instance cgroup: back to float, counted.
+        qemu = tgid_of(vcpu0["tid"])
+        (io,) = [t for t in tasks(qemu) if comm_of(qemu, t).startswith("IO ")]
+        (INSTANCES / f"instance-{rp.pod.uid}" / "cgroup.threads").write_text(str(io))
+        wait_for(
+            lambda: scrape(address)["instance_runner_moved_to_float_total"][INSTANCE] >= 1,
+            timeout=30,
+            what="the eviction to be counted",
+        )
+        assert task_cgroup(qemu, io) == "/instances/float"
+        assert not os.sched_getaffinity(io) & set(pinned.values())
 
         c = scrape("127.0.0.1:9472")
         requests = {
