@@ -4,7 +4,7 @@ Plan or a PlanError."""
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import attrs
@@ -43,11 +43,43 @@ def in_place(
     return cpu is not None and cgroup == instance_cgroup and allowed == {cpu}
 
 
+SCHED_FIFO = 1  # linux/sched.h, the same on every architecture
+
+
 @attrs.frozen
 class Placed:
     vcpu: int
     tid: int
     cpu: int
+    priority: int = 0  # SCHED_FIFO priority of a realtime vCPU; 0: the default policy
+
+
+def sched_as_planned(p: Placed, policy: int, rt_priority: int) -> bool:
+    """A realtime vCPU runs SCHED_FIFO at its priority; the others are left as QEMU made
+    them."""
+    return not p.priority or (policy == SCHED_FIFO and rt_priority == p.priority)
+
+
+def check_realtime(isolated: bool, rt_runtime_us: int, rt_period_us: int) -> None:
+    """Where a SCHED_FIFO vCPU is safe. Its guest may spin for ever: the CPU must be its
+    alone, and the kernel's RT throttling must still leave the CPU's own kernel threads
+    (kworkers, ksoftirqd, RCU) some time each period."""
+    if not isolated:
+        raise PlanError(
+            "realtime vCPUs need dedicated CPUs (--isolation on): a SCHED_FIFO vCPU on shared "
+            "CPUs would starve every other thread there"
+        )
+    if rt_runtime_us < 0:
+        raise PlanError(
+            "realtime vCPUs refused: RT throttling is off (kernel.sched_rt_runtime_us = -1), so "
+            "a spinning SCHED_FIFO vCPU would lock its CPU's kernel threads out for ever; set "
+            f"it below kernel.sched_rt_period_us ({rt_period_us}), e.g. the default 950000"
+        )
+    if rt_runtime_us == 0:
+        raise PlanError(
+            "realtime vCPUs refused: kernel.sched_rt_runtime_us = 0 gives realtime threads no "
+            "time at all"
+        )
 
 
 def make_plan(
@@ -109,8 +141,13 @@ def vcpu_threads(found: list[dict[str, Any]]) -> dict[int, int]:
     return {int(v["cpu-index"]): int(v["thread-id"]) for v in found}
 
 
-def match_vcpus(found: list[dict[str, Any]], placement: tuple[int, ...]) -> list[Placed]:
-    """QEMU's `query-cpus-fast` answer matched to the placement, vCPU by vCPU. Each vCPU
+def match_vcpus(
+    found: list[dict[str, Any]],
+    placement: tuple[int, ...],
+    realtime: Mapping[int, int] | None = None,
+) -> list[Placed]:
+    """QEMU's `query-cpus-fast` answer matched to the placement (and the realtime vCPUs'
+    priorities), vCPU by vCPU. Each vCPU
     needs a thread of its own: two vCPUs on one thread (TCG without thread=multi) cannot
     each own a CPU, and pinning them would flip the thread between the two for ever."""
     vcpus = sorted(found, key=lambda v: int(v["cpu-index"]))
@@ -123,7 +160,8 @@ def match_vcpus(found: list[dict[str, Any]], placement: tuple[int, ...]) -> list
             f"QEMU runs several vCPUs on one thread ({', '.join(map(str, shared))}): "
             "each vCPU needs its own thread (TCG needs thread=multi)"
         )
+    priority = realtime or {}
     return [
-        Placed(int(v["cpu-index"]), tid, cpu)
+        Placed(int(v["cpu-index"]), tid, cpu, priority.get(int(v["cpu-index"]), 0))
         for v, tid, cpu in zip(vcpus, tids, placement, strict=True)
     ]

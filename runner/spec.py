@@ -16,6 +16,8 @@ import attrs
 import cattrs
 from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError
 
+from runner import cpus
+
 Accel = Literal["auto", "kvm", "tcg"]
 Hugepages = Literal["none", "2M", "1G"]
 DiskFormat = Literal["raw", "qcow2"]
@@ -189,6 +191,31 @@ class Console:
 
 
 @attrs.frozen(kw_only=True)
+class Realtime:
+    """vCPUs that run SCHED_FIFO (KubeVirt's realtime.mask): vCPU indexes in kernel list
+    syntax ("0-1"), and the FIFO priority they get."""
+
+    vcpus: str
+    priority: int = 1
+
+    def __attrs_post_init__(self) -> None:
+        try:
+            chosen = cpus.parse(self.vcpus)
+        except cpus.CpuListError:
+            raise ValueError(
+                f"realtime vcpus {self.vcpus!r} must be vCPU indexes in list syntax, like 0-1,3"
+            ) from None
+        if not chosen:
+            raise ValueError("realtime vcpus must name at least one vCPU")
+        if not 1 <= self.priority <= 99:
+            raise ValueError(f"realtime priority {self.priority} must be between 1 and 99")
+
+    @property
+    def indexes(self) -> frozenset[int]:
+        return cpus.parse(self.vcpus)
+
+
+@attrs.frozen(kw_only=True)
 class InstanceSpec:
     name: str = attrs.field(validator=_name)
     vcpus: int = attrs.field(validator=_positive)
@@ -212,8 +239,14 @@ class InstanceSpec:
     # What a pod that spans NUMA nodes, holds part of a core, or has a device on another
     # node gets: prefer runs it with a warning, strict refuses it.
     numa: NumaPolicy = "prefer"
+    realtime: Realtime | None = None
 
     def __attrs_post_init__(self) -> None:
+        if self.realtime is not None and max(self.realtime.indexes) >= self.vcpus:
+            raise ValueError(
+                f"realtime vcpus {self.realtime.vcpus!r}: the guest has only vCPUs "
+                f"{cpus.format(range(self.vcpus))}"
+            )
         addresses = [d.address for d in self.devices]
         if len(set(addresses)) != len(addresses):
             raise ValueError("device addresses must be unique")
@@ -257,6 +290,12 @@ class InstanceSpec:
             return given
         digest = hashlib.sha256(f"{self.name}/{index}".encode()).digest()
         return "52:54:00:" + ":".join(f"{b:02x}" for b in digest[:3])
+
+    def realtime_priorities(self) -> dict[int, int]:
+        """vCPU index -> SCHED_FIFO priority, for the vCPUs the spec makes realtime."""
+        if self.realtime is None:
+            return {}
+        return dict.fromkeys(sorted(self.realtime.indexes), self.realtime.priority)
 
     def tap_name(self, index: int) -> str:
         return self.nics[index].tap or f"tap{index}"  # as checked unique above

@@ -34,20 +34,27 @@ WANTED_MODULES = [
     "vfio_iommu_type1",  # ... and the IOMMU backend vfio only soft-depends on
 ]
 
-SERIES = ("6.1", "6.12")
+# Series -> (the metapackage that names its current build, the pattern of its builds).
+SERIES = {
+    "6.1": ("linux-image-amd64", r"linux-image-6\.1\.0-(\d+)-amd64"),
+    "6.12": ("linux-image-6.12-amd64", r"linux-image-6\.12\.(\d+)\+deb\d+-amd64-unsigned"),
+    # PREEMPT_RT: for realtime (SCHED_FIFO) vCPUs.
+    "6.12-rt": (
+        "linux-image-6.12-rt-amd64",
+        r"linux-image-6\.12\.(\d+)\+deb\d+-rt-amd64-unsigned",
+    ),
+}
 
 
 def kernel_packages(series: str) -> list[str]:
     """Stock kernel packages of a series that apt knows about, best first (at most three).
 
-    6.1: the build the metapackage linux-image-amd64 names, then the newest ABIs. 6.12: the
-    newest build (the unsigned package comes out first), then the one linux-image-6.12-amd64
-    names. A later build of either series is picked up by name, whatever its modules' layout.
+    6.1: the build the metapackage linux-image-amd64 names, then the newest ABIs. 6.12 (and
+    its rt flavour): the newest build (the unsigned package comes out first), then the one the
+    metapackage names. A later build of any series is picked up by name, whatever its
+    modules' layout.
     """
-    if series == "6.1":
-        meta, pattern = "linux-image-amd64", r"linux-image-6\.1\.0-(\d+)-amd64"
-    else:
-        meta, pattern = "linux-image-6.12-amd64", r"linux-image-6\.12\.(\d+)\+deb\d+-amd64-unsigned"
+    meta, pattern = SERIES[series]
     names = run(["apt-cache", "pkgnames", "linux-image-6."]).split()
     builds = sorted((int(m.group(1)), n) for n in names if (m := re.fullmatch(pattern, n)))
     newest = [n for _, n in reversed(builds)]
@@ -55,7 +62,9 @@ def kernel_packages(series: str) -> list[str]:
         deps = re.findall(r"Depends: (linux-image-\S+)", run(["apt-cache", "depends", meta]))
     except BuildError:
         deps = []
-    named = [d for d in deps if d.startswith(f"linux-image-{series}.")][:1]
+    release, rt = series.removesuffix("-rt"), series.endswith("-rt")
+    named = [d for d in deps if d.startswith(f"linux-image-{release}.") and ("-rt-" in d) == rt]
+    named = named[:1]
     found = list(dict.fromkeys(named + newest[:2] if series == "6.1" else newest[:2] + named))
     if not found:
         raise BuildError(
@@ -96,7 +105,7 @@ def ensure(cache: Path, series: str) -> Path:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cache", type=Path, default=HERE.parent.parent / ".cache" / "testvm")
-    ap.add_argument("--kernel", default="6.1", help="kernel series: 6.1 or 6.12")
+    ap.add_argument("--kernel", default="6.1", help="kernel series: " + ", ".join(SERIES))
     args = ap.parse_args()
     try:
         print(ensure(args.cache, args.kernel))

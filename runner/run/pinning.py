@@ -5,6 +5,7 @@ probes, `kubectl exec`, land in the container cgroup and go to float)."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import time
 from collections.abc import Callable
@@ -15,7 +16,7 @@ import trio
 from runner import cpus
 from runner.log import log
 from runner.node.cgroupfs import CgroupError, CgroupFS, thread_cgroup
-from runner.plan import Placed, in_place
+from runner.plan import Placed, in_place, sched_as_planned
 from runner.run.options import StartupError
 
 
@@ -35,6 +36,33 @@ def place_vcpu(cg: CgroupFS, instance_cg: str, qemu_pid: int, p: Placed) -> None
         raise StartupError(
             f"vCPU {p.vcpu} (thread {p.tid}) did not stay pinned: "
             f"cgroup {in_cgroup}, CPUs {cpus.format(allowed)}"
+        )
+    if p.priority:
+        make_realtime(p)
+
+
+def make_realtime(p: Placed) -> None:
+    """SCHED_FIFO once the vCPU is alone on its CPU, never before: a realtime thread on
+    shared CPUs starves them."""
+    try:
+        os.sched_setscheduler(p.tid, os.SCHED_FIFO, os.sched_param(p.priority))
+        policy, priority = os.sched_getscheduler(p.tid), os.sched_getparam(p.tid).sched_priority
+    except OSError as e:
+        why = e.strerror
+        if e.errno == errno.EPERM:
+            # __sched_setscheduler: a task group with no RT runtime refuses RT policies.
+            why = (
+                "EPERM: with CONFIG_RT_GROUP_SCHED a cgroup gets no realtime runtime, and "
+                "cgroup v2 cannot grant it (cgroup-v2.rst: the cpu controller can only be "
+                "enabled when all RT processes are in the root cgroup)"
+            )
+        raise StartupError(
+            f"cannot make vCPU {p.vcpu} (thread {p.tid}) SCHED_FIFO {p.priority}: {why}"
+        ) from None
+    if not sched_as_planned(p, policy, priority):
+        raise StartupError(
+            f"vCPU {p.vcpu} (thread {p.tid}) did not stay SCHED_FIFO {p.priority}: "
+            f"policy {policy}, priority {priority}"
         )
 
 
@@ -96,11 +124,16 @@ class Keeper:
 
     def check_vcpus(self) -> None:
         """A vCPU moved to another cgroup or CPU behind our back (taskset, a stray cgroup
-        write, the kernel resetting affinity when a cpuset is rewritten) is put back."""
+        write, the kernel resetting affinity when a cpuset is rewritten, chrt on a realtime
+        vCPU) is put back."""
         for p in self.placed:
             in_cgroup = thread_cgroup(self.qemu_pid, p.tid)
             allowed = os.sched_getaffinity(p.tid)
-            if in_place(in_cgroup, allowed, self.instance_cg, p.cpu):
+            policy = os.sched_getscheduler(p.tid) if p.priority else 0
+            priority = os.sched_getparam(p.tid).sched_priority if p.priority else 0
+            if in_place(in_cgroup, allowed, self.instance_cg, p.cpu) and sched_as_planned(
+                p, policy, priority
+            ):
                 continue
             self.drifts += 1
             log.warning(
@@ -110,6 +143,7 @@ class Keeper:
                 cpu=p.cpu,
                 cgroup=in_cgroup,
                 cpus=cpus.format(allowed),
+                **({"policy": policy, "priority": priority} if p.priority else {}),
             )
             try:
                 place_vcpu(self.cg, self.instance_cg, self.qemu_pid, p)

@@ -84,6 +84,8 @@ def preflight(o: Options) -> Prepared:
         assert host is not None
         check_vfio(host, the_spec)
     isolation = isolate(o, the_spec, host) if host is not None and o.isolation == "on" else None
+    if the_spec.realtime is not None:
+        check_realtime(isolation is not None)
     name = isolation.pod.pod_uid if isolation is not None else the_spec.name
     run_dir = Path(o.run_dir) if o.run_dir else Path(RUN_DIR_BASE) / name
     if the_spec.shares:
@@ -186,6 +188,20 @@ def isolate(o: Options, the_spec: spec.InstanceSpec, host: topology.Host) -> Iso
     except (kube.KubeError, plan.PlanError, CgroupError) as e:
         raise StartupError(str(e)) from None
     return Isolation(cg, own, pod, the_plan, source)
+
+
+def check_realtime(isolated: bool) -> None:
+    try:
+        runtime = int(Path("/proc/sys/kernel/sched_rt_runtime_us").read_text())
+        period = int(Path("/proc/sys/kernel/sched_rt_period_us").read_text())
+        plan.check_realtime(isolated, runtime, period)
+    except OSError as e:
+        raise StartupError(f"realtime vCPUs: cannot read RT throttling: {e}") from None
+    except plan.PlanError as e:
+        raise StartupError(str(e)) from None
+    # A PREEMPT_RT kernel says so here; FIFO vCPUs work on others too, with longer latencies.
+    preempt_rt = _read_optional("/sys/kernel/realtime") == "1\n"
+    log.info("realtime", rt_runtime_us=runtime, rt_period_us=period, preempt_rt=preempt_rt)
 
 
 def check_socket_mount(socket_path: str) -> None:

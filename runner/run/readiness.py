@@ -33,7 +33,10 @@ def ready_doc(
         "instance_cgroup": cgroups.instance if cgroups else None,
         "float_cgroup": cgroups.float if cgroups else None,
         "float_cpus": cpus.format(cgroups.float_cpus) if cgroups else None,
-        "vcpus": [{"vcpu": p.vcpu, "tid": p.tid, "cpu": p.cpu} for p in placed],
+        "vcpus": [
+            {"vcpu": p.vcpu, "tid": p.tid, "cpu": p.cpu, "fifo_priority": p.priority}
+            for p in placed
+        ],
         "guest_topology": guest_topology(iso.plan.layout) if iso else None,
         "status_at_pin": status,
         "vcpu_ticks_before_cont": ticks,

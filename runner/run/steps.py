@@ -327,7 +327,11 @@ async def pin(s: Startup) -> None:
         raise StartupError(await guest.failure(str(e))) from None
     found = await guest.execute("query-cpus-fast")
     try:
-        placed = plan.match_vcpus(found, iso.plan.placement)  # type: ignore[arg-type]
+        placed = plan.match_vcpus(
+            found,  # type: ignore[arg-type]
+            iso.plan.placement,
+            s.pre.spec.realtime_priorities(),
+        )
     except plan.PlanError as e:
         raise StartupError(str(e)) from None
     for p in placed:
@@ -382,6 +386,11 @@ async def resume(s: Startup) -> None:
         vcpus=len(s.placed),
         ms=timings["qemu_start_to_pinned"],
         placement={p.vcpu: p.cpu for p in s.placed},
+        **(
+            {"fifo": {p.vcpu: p.priority for p in s.placed if p.priority}}
+            if s.pre.spec.realtime
+            else {}
+        ),
     )
 
 

@@ -300,10 +300,12 @@ def test_kernel_packages_pick_the_newest_build_of_a_series(
         linux-image-6.1.0-57-cloud-amd64 linux-image-6.12.99+deb12-amd64-unsigned
         linux-image-6.12.118+deb12-amd64-unsigned
         linux-image-6.12.118+deb12-cloud-amd64-unsigned linux-image-6.12.117+deb12-amd64
-        linux-image-6.12-amd64 linux-image-6.12.120+deb12-amd64-dbg"""
+        linux-image-6.12-amd64 linux-image-6.12.120+deb12-amd64-dbg
+        linux-image-6.12.118+deb12-rt-amd64-unsigned linux-image-6.12.117+deb12-rt-amd64"""
     depends = {
         "linux-image-amd64": "linux-image-amd64\n  Depends: linux-image-6.1.0-56-amd64\n",
         "linux-image-6.12-amd64": "x\n  Depends: linux-image-6.12.117+deb12-amd64\n",
+        "linux-image-6.12-rt-amd64": "x\n  Depends: linux-image-6.12.117+deb12-rt-amd64\n",
     }
 
     def fake_run(cmd: list[str], cwd: Path | None = None) -> str:
@@ -319,6 +321,10 @@ def test_kernel_packages_pick_the_newest_build_of_a_series(
         "linux-image-6.12.118+deb12-amd64-unsigned",
         "linux-image-6.12.99+deb12-amd64-unsigned",
         "linux-image-6.12.117+deb12-amd64",
+    ]
+    assert testvm_build.kernel_packages("6.12-rt") == [  # PREEMPT_RT, never the plain build
+        "linux-image-6.12.118+deb12-rt-amd64-unsigned",
+        "linux-image-6.12.117+deb12-rt-amd64",
     ]
 
     # Once linux-image-amd64 moves on to 6.12, the 6.1 series must not follow it.

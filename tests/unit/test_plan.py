@@ -65,6 +65,38 @@ def test_vcpus_matched_by_index_whatever_order_qemu_answers_in() -> None:
     assert placed == [plan.Placed(0, 100, 5), plan.Placed(1, 101, 7)]
 
 
+def test_realtime_vcpus_carry_their_priority() -> None:
+    placed = plan.match_vcpus([vcpu(0, 100), vcpu(1, 101)], (5, 7), {1: 3})
+    assert placed == [plan.Placed(0, 100, 5, 0), plan.Placed(1, 101, 7, 3)]
+    normal, fifo = placed
+    other, fifo_policy = 0, plan.SCHED_FIFO
+    assert plan.sched_as_planned(normal, other, 0)
+    assert plan.sched_as_planned(normal, fifo_policy, 50)  # not ours to decide
+    assert plan.sched_as_planned(fifo, fifo_policy, 3)
+    assert not plan.sched_as_planned(fifo, fifo_policy, 2)  # chrt behind our back
+    assert not plan.sched_as_planned(fifo, other, 0)
+    assert not plan.sched_as_planned(fifo, 2, 3)  # SCHED_RR is not what was asked
+
+
+@pytest.mark.parametrize(
+    ("isolated", "runtime", "message"),
+    [
+        (False, 950000, "need dedicated CPUs"),
+        (True, -1, "RT throttling is off"),
+        (True, 0, "gives realtime threads no time"),
+    ],
+)
+def test_realtime_is_refused_where_unsafe(isolated: bool, runtime: int, message: str) -> None:
+    with pytest.raises(plan.PlanError, match=message) as e:
+        plan.check_realtime(isolated, runtime, 1000000)
+    assert "\n" not in str(e.value)
+
+
+def test_realtime_with_throttling_on_dedicated_cpus_is_allowed() -> None:
+    plan.check_realtime(True, 950000, 1000000)
+    plan.check_realtime(True, 1, 1000000)
+
+
 def test_two_vcpus_on_one_thread_are_refused() -> None:
     # TCG with thread=single: pinning would flip the one thread between two CPUs for ever.
     with pytest.raises(plan.PlanError, match="several vCPUs on one thread"):

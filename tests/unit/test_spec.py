@@ -50,6 +50,13 @@ def test_full_spec() -> None:
         ({"extra_args": [1]}, "field extra_args: item 0: expected str, got int"),
         ({"kernal": "/k"}, "unknown field(s) kernal"),
         ({"initrd": "/i"}, "initrd and cmdline need a kernel"),
+        ({"realtime": {"vcpus": "0-x"}}, "realtime vcpus '0-x' must be vCPU indexes"),
+        ({"realtime": {"vcpus": ""}}, "realtime vcpus must name at least one vCPU"),
+        ({"realtime": {"vcpus": "0", "priority": 0}}, "priority 0 must be between 1 and 99"),
+        ({"realtime": {"vcpus": "0", "priority": 100}}, "priority 100 must be between 1 and 99"),
+        ({"realtime": {"vcpus": "1-2"}}, "realtime vcpus '1-2': the guest has only vCPUs 0-1"),
+        ({"realtime": {"vcpus": 1}}, "field realtime.vcpus: expected str, got int"),
+        ({"realtime": {"vcpus": "0", "prio": 1}}, "unknown field(s) prio"),
     ],
 )
 def test_bad_specs_name_the_field(changes: dict[str, object], message: str) -> None:
@@ -139,3 +146,11 @@ def test_top_level_kernel_still_works() -> None:
     s = load(kernel="/k", cmdline="quiet")
     assert s.kernel_boot == spec.Boot(kernel="/k", cmdline="quiet")
     assert load().kernel_boot is None
+
+
+def test_realtime_vcpus_get_their_priority() -> None:
+    assert load().realtime_priorities() == {}
+    s = load(vcpus=4, realtime={"vcpus": "0,2-3", "priority": 5})
+    assert s.realtime_priorities() == {0: 5, 2: 5, 3: 5}
+    assert load(realtime={"vcpus": "1"}).realtime_priorities() == {1: 1}
+    assert spec.load(spec.to_json(s)) == s

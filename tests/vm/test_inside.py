@@ -32,6 +32,8 @@ INSIDE = [
     # Metrics, probes and inspect: what an operator sees of a running instance (two modules,
     # one test VM).
     pytest.param("test_observe.py test_inspect.py", ["--cpus", "4"], [], id="observe"),
+    # Realtime (SCHED_FIFO) vCPUs, on Debian's PREEMPT_RT kernel.
+    pytest.param("test_realtime.py", ["--cpus", "4", "--kernel", "6.12-rt"], [], id="realtime"),
     # 6.2+ keeps a thread's requested affinity across cpuset changes: float growing under
     # running threads is proven again on 6.12.
     pytest.param(
