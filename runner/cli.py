@@ -61,6 +61,15 @@ def node_options(f: F) -> F:
                 help="Where the cgroup v2 hierarchy is mounted.",
             ),
             option(
+                "--partition",
+                env="PARTITION",
+                type=click.Choice(["none", "isolated"]),
+                default="none",
+                help="isolated: each instance's CPUs become an isolated cpuset partition, out "
+                "of the scheduler's load balancing (kernel 6.7+; older kernels: one warning). "
+                "In controller mode, the controller's decides.",
+            ),
+            option(
                 "--kubelet-dir",
                 env="KUBELET_DIR",
                 default="/var/lib/kubelet",

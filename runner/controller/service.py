@@ -20,10 +20,12 @@ from runner.controller import policy
 from runner.controller.identity import Peer
 from runner.controller.metrics import ControllerMetrics
 from runner.log import log
+from runner.node import partition
 from runner.node.cgroupfs import CgroupError, CgroupFS
 from runner.node.floatkeeper import FloatKeeper, FloatUnknown
 from runner.node.kubelet import Unknown, read_state
 from runner.node.layout import Layout, online_cpus
+from runner.node.partition import PartitionMode
 from runner.topology import TopologyError, read_host
 
 # A just-registered instance has no threads until its runner pins them. If kubelet lists the
@@ -41,6 +43,7 @@ class ControllerOptions:
     idle_timeout: float = 10.0
     resync_interval: float = 10.0
     health_address: str | None = None  # HOST:PORT for kubelet's HTTP probes; None: off
+    partition: PartitionMode = "none"  # isolated: instance CPUs as isolated partitions
 
 
 class ControllerError(Exception):
@@ -135,7 +138,9 @@ class Service:
                         raise rpc.RPCError(rpc.FORBIDDEN, "no shared CPU would be left")
                     self.keeper.apply(have, have - wanted, f"register {p.uuid}")
                 self.cg.make_threaded(path, wanted, read_host().mems_of(wanted))
-            except (CgroupError, TopologyError) as e:
+                if self.opts.partition == "isolated":
+                    partition.isolate_or_warn(self.cg, self.layout.root, path, wanted)
+            except (CgroupError, TopologyError, partition.PartitionError) as e:
                 with contextlib.suppress(OSError):
                     self.cg.dir(path).rmdir()
                 raise rpc.RPCError(rpc.INTERNAL_ERROR, str(e)) from None
@@ -159,7 +164,10 @@ class Service:
                 # Answer now: sleeping here would hold every other caller behind the lock.
                 raise rpc.RPCError(rpc.BUSY, f"instance {p.uuid} still holds {threads} threads")
             try:
+                partition.undo(self.cg, self.layout.root, path)  # whatever made it
                 await self.cg.remove(path, attempts=5, delay=0.05)
+            except partition.PartitionError as e:
+                raise rpc.RPCError(rpc.INTERNAL_ERROR, str(e)) from None
             except CgroupError as e:
                 raise rpc.RPCError(
                     rpc.BUSY, f"instance {p.uuid} still holds threads: {e}"

@@ -47,7 +47,8 @@ class CgroupFS:
             finally:
                 os.close(fd)
         except OSError as e:
-            raise CgroupError(f"cannot write {value!r} to {path}: {e.strerror}") from None
+            name = errno.errorcode.get(e.errno or 0, str(e.errno))
+            raise CgroupError(f"cannot write {value!r} to {path}: {e.strerror} ({name})") from None
 
     def exists(self, cgroup: str) -> bool:
         return self.dir(cgroup).is_dir()

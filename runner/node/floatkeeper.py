@@ -18,6 +18,7 @@ from runner import cpus
 from runner.cpus import CpuSet
 from runner.kube import KubeletState
 from runner.log import log
+from runner.node import partition
 from runner.node.cgroupfs import CgroupError
 from runner.node.kubelet import Unknown, read_state, watch_kubelet_state
 from runner.node.layout import Layout, held_cpus, online_cpus, stale
@@ -90,6 +91,10 @@ class FloatKeeper:
                 cpus=cpus.format(inst.cpus),
                 reason="stale: pod gone from cpu_manager_state and no thread left",
             )
+        try:  # what removed ones claimed as isolated partitions goes back to the root's
+            partition.trim(cg, layout.root, [i.path for i in instances.values()])
+        except (partition.PartitionError, CgroupError) as e:
+            log.warning("partition-trim-failed", error=str(e))
         current = layout.float_cpus()
         want = float_target(state, self.online(), held_cpus(instances) | held, current)
         if want is None:

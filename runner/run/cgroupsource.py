@@ -19,6 +19,7 @@ import trio
 from runner import cpus, kube, rpc
 from runner.cpus import CpuSet
 from runner.log import log
+from runner.node import partition
 from runner.node.cgroupfs import CgroupError, CgroupFS
 from runner.node.floatkeeper import FloatKeeper, FloatUnknown, float_target
 from runner.node.kubelet import Unknown, read_state
@@ -50,13 +51,22 @@ class CgroupSource(Protocol):
 class Embedded:
     """float and the instance cgroup made by the runner; every runner keeps float for all."""
 
-    def __init__(self, cg: CgroupFS, root: str, kubelet_dir: str, uuid: str) -> None:
+    def __init__(
+        self,
+        cg: CgroupFS,
+        root: str,
+        kubelet_dir: str,
+        uuid: str,
+        mode: partition.PartitionMode = "none",
+    ) -> None:
         self.cg = cg
         self.layout = Layout(cg, root)
         self.keeper = FloatKeeper(self.layout, kubelet_dir)
         self.kubelet_dir = kubelet_dir
         self.uuid = uuid
+        self.partition = mode
         self._made: str | None = None
+        self._isolated = False
 
     def shared_cpus(self) -> CpuSet:
         state = read_state(self.kubelet_dir)
@@ -86,18 +96,33 @@ class Embedded:
                 )
             self._made = instance  # ours from here on, even if the next writes fail
             self.cg.make_threaded(instance, own, plan.mems)
+            if self.partition == "isolated":
+                self._isolated = partition.isolate_or_warn(self.cg, self.layout.root, instance, own)
         except FloatUnknown as e:
             raise StartupError(f"cannot make the float cgroup: {e}") from None
         except CgroupError as e:
             raise StartupError(str(e)) from None
+        except partition.PartitionError as e:
+            raise StartupError(
+                f"cannot make the instance CPUs an isolated partition: {e}"
+            ) from None
         return Cgroups(self.layout.float, instance, float_cpus)
 
     async def maintain(self) -> None:
         await self.keeper.follow(KUBELET_RESYNC)
 
     async def release(self) -> None:
-        if self._made is not None:
-            await self.cg.remove(self._made)
+        if self._made is None:
+            return
+        if self._isolated:
+            # Before the rmdir, so <root> gives the CPUs back to the root partition.
+            try:
+                partition.undo(self.cg, self.layout.root, self._made)
+            except (partition.PartitionError, CgroupError) as e:
+                log.error("partition-undo-failed", cgroup=self._made, error=str(e))
+            else:
+                log.info("partition-undone", cgroup=self._made)
+        await self.cg.remove(self._made)
 
 
 class FromController:
@@ -201,7 +226,8 @@ def make_source(
     pod: kube.PodCgroup,
     controller_socket: str | None,
     controller_timeout: float,
+    mode: partition.PartitionMode = "none",
 ) -> CgroupSource:
     if controller_socket:
         return FromController(controller_socket, controller_timeout, pod.pod_uid, cg, pod.path)
-    return Embedded(cg, root, kubelet_dir, pod.pod_uid)
+    return Embedded(cg, root, kubelet_dir, pod.pod_uid, mode)

@@ -30,6 +30,9 @@ class Options:
     virtiofsd: str | None = None  # None: the Rust daemon if installed, else QEMU's C one
     controller_socket: str | None = None  # None: embedded mode, the runner makes its cgroups
     controller_timeout: float = 30.0
+    # isolated: the instance CPUs become an isolated cpuset partition (embedded mode; in
+    # controller mode the controller decides)
+    partition: Literal["none", "isolated"] = "none"
     verify_interval: float = 1.0  # how often pinning is re-checked while the guest runs; 0: never
     pause_before: str | None = None  # fault-injection hook for tests: wait before this step
     resume_early: bool = False  # benchmark baseline: the guest runs before it is pinned

@@ -167,6 +167,10 @@ def isolate(o: Options, the_spec: spec.InstanceSpec, host: topology.Host) -> Iso
         ) from None
     if o.controller_socket:
         check_socket_mount(o.controller_socket)
+        if o.partition != "none":
+            raise StartupError(
+                "--partition is the controller's in controller mode (its own --partition)"
+            )
     try:
         # /proc/self follows the thread-group leader: read it now, before any move.
         own = kube.own_cgroup_path(
@@ -175,7 +179,7 @@ def isolate(o: Options, the_spec: spec.InstanceSpec, host: topology.Host) -> Iso
         pod = kube.parse_pod_cgroup(own)
         container_cpus = cg.cpus(own)
         source = make_source(
-            cg, root, o.kubelet_dir, pod, o.controller_socket, o.controller_timeout
+            cg, root, o.kubelet_dir, pod, o.controller_socket, o.controller_timeout, o.partition
         )
         the_plan = plan.make_plan(
             the_spec,

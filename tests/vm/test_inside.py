@@ -29,17 +29,19 @@ INSIDE = [
         [],
         id="topology",
     ),
-    # Metrics, probes and inspect: what an operator sees of a running instance (two modules,
-    # one test VM).
-    pytest.param("test_observe.py test_inspect.py", ["--cpus", "4"], [], id="observe"),
+    # Metrics, probes and inspect: what an operator sees of a running instance; and isolated
+    # partitions falling back on 6.1 (three modules, one test VM).
+    pytest.param(
+        "test_observe.py test_inspect.py test_partition.py", ["--cpus", "4"], [], id="observe"
+    ),
     # Realtime (SCHED_FIFO) vCPUs, on Debian's PREEMPT_RT kernel.
     pytest.param("test_realtime.py", ["--cpus", "4", "--kernel", "6.12-rt"], [], id="realtime"),
     # 6.2+ keeps a thread's requested affinity across cpuset changes: float growing under
-    # running threads is proven again on 6.12.
+    # running threads is proven again on 6.12; 6.7+ has isolated partitions.
     pytest.param(
-        "test_node_faults.py",
+        "test_node_faults.py test_partition.py",
         ["--cpus", "4", "--kernel", "6.12"],
-        ["-k", "float_growth"],
+        ["-k", "float_growth or partition"],
         id="node-faults-6.12",
     ),
 ]
