@@ -52,11 +52,13 @@ class Held:
         float_cpus: Callable[[], int | None],
         connections: Callable[[], int],
         stale_removed: Callable[[], int],
+        kernel_threads_moved: Callable[[], int] = lambda: 0,
     ) -> None:
         self.instances = instances
         self.float_cpus = float_cpus
         self.connections = connections
         self.stale_removed = stale_removed
+        self.kernel_threads_moved = kernel_threads_moved
 
 
 class ControllerMetrics:
@@ -107,6 +109,11 @@ class ControllerMetrics:
             PREFIX + "stale_instances_removed",
             "Instance cgroups removed because their pod was gone and no thread was left.",
             value=held.stale_removed(),
+        )
+        yield CounterMetricFamily(
+            PREFIX + "kernel_threads_moved",
+            "Kernel threads (KVM's workers) moved from a VM pod's container cgroup to float.",
+            value=held.kernel_threads_moved(),
         )
 
     def answered(self, method: str, code: int | None) -> None:

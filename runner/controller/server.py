@@ -36,6 +36,7 @@ class Server:
                 float_cpus=lambda: _count(self.service.layout.float_cpus()),
                 connections=lambda: self._open,
                 stale_removed=lambda: self.service.keeper.removed,
+                kernel_threads_moved=lambda: self.service.kernel_threads_moved,
             )
         )
 
@@ -153,6 +154,7 @@ class Server:
                         self.service.keeper.follow, self.opts.resync_interval, self.service.lock
                     )
                     nursery.start_soon(trio.serve_listeners, self.serve_connection, [listener])
+                    nursery.start_soon(self.service.sweep_kernel_threads, self.opts.resync_interval)
                     if self.opts.health_address:
                         try:
                             await nursery.start(httpd.serve, self.opts.health_address, self.probes)

@@ -8,6 +8,7 @@ is there and running instances are never touched.
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -20,7 +21,7 @@ from runner.controller import policy
 from runner.controller.identity import Peer
 from runner.controller.metrics import ControllerMetrics
 from runner.log import log
-from runner.node import partition
+from runner.node import partition, procfs
 from runner.node.cgroupfs import CgroupError, CgroupFS
 from runner.node.floatkeeper import FloatKeeper, FloatUnknown
 from runner.node.kubelet import Unknown, read_state
@@ -62,6 +63,9 @@ class Service:
             self.layout, opts.kubelet_dir, self._young, timed=self.metrics.reconcile.observe
         )
         self._registered_at: dict[str, float] = {}
+        self._containers: dict[str, str] = {}  # instance uuid -> its pod's container cgroup
+        self._kept: set[int] = set()  # kernel threads the kernel would not let go
+        self.kernel_threads_moved = 0
 
     def _young(self) -> set[str]:
         now = time.monotonic()
@@ -146,6 +150,8 @@ class Service:
                 raise rpc.RPCError(rpc.INTERNAL_ERROR, str(e)) from None
             if isinstance(state, Unknown) or not state.entries.get(p.uuid):
                 self._registered_at[p.uuid] = time.monotonic()
+            if peer.pod is not None:
+                self._containers[p.uuid] = peer.pod.path
         log.info("instance-registered", uuid=p.uuid, cpuset=cpus.format(wanted), cgroup=path)
         self.keeper.poke()
         return rpc.RegisterResult(path, self.layout.float)
@@ -173,9 +179,58 @@ class Service:
                     rpc.BUSY, f"instance {p.uuid} still holds threads: {e}"
                 ) from None
             self._registered_at.pop(p.uuid, None)
+            self._containers.pop(p.uuid, None)
         log.info("instance-deregistered", uuid=p.uuid)
         self.keeper.poke()
         return rpc.DeregisterResult(True)
+
+    async def sweep_kernel_threads(self, interval: float) -> None:
+        """KVM's workers (kvm-nx-lpage-recovery up to 6.12) are kernel threads that the kernel
+        attaches to the cgroups of the process that made the VM: QEMU, in the container cgroup
+        then, on the dedicated CPUs. The runner cannot see them from the pod's PID namespace (they
+        show as PID 0 there); the controller moves them to float, where the kernel lets it (not
+        threads bound to a CPU, PF_NO_SETAFFINITY: EINVAL)."""
+        while True:
+            await trio.sleep(interval)
+            async with self.lock:
+                for uuid, container in list(self._containers.items()):
+                    if not self.cg.exists(self.layout.instance(uuid)):
+                        self._containers.pop(uuid, None)  # removed as stale
+                        continue
+                    self._sweep_container(uuid, container)
+
+    def _sweep_container(self, uuid: str, container: str) -> None:
+        try:
+            listed = self.cg.procs(container)
+            float_cpus = self.layout.float_cpus()
+        except (CgroupError, cpus.CpuListError):
+            return  # the scope is gone with its pod
+        for pid in listed:
+            if pid in self._kept:
+                continue
+            try:
+                st = procfs.stat(pid)
+            except OSError:
+                continue
+            if not st.kernel:
+                continue  # the runner's own business: it sweeps processes of its pod
+            try:
+                self.cg.move_process(self.layout.float, pid)
+            except CgroupError as e:
+                self._kept.add(pid)
+                log.warning("kernel-thread-kept", pid=pid, comm=st.comm, uuid=uuid, error=str(e))
+                continue
+            if float_cpus:
+                with contextlib.suppress(OSError):
+                    os.sched_setaffinity(pid, float_cpus)
+            self.kernel_threads_moved += 1
+            log.info(
+                "kernel-thread-moved",
+                pid=pid,
+                comm=st.comm,
+                uuid=uuid,
+                detail="a kernel thread in the pod's container cgroup, on its dedicated CPUs",
+            )
 
     async def list_instances(self, _peer: Peer, _p: object) -> rpc.ListResult:
         return rpc.ListResult(

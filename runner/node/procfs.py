@@ -12,7 +12,8 @@ from runner import cpus
 from runner.cpus import CpuSet
 
 # /proc/<pid>/stat fields after "comm)": index 0 is field 3 (state) of proc(5).
-_PPID, _UTIME, _STIME, _PROCESSOR, _RT_PRIORITY, _POLICY = 1, 11, 12, 36, 37, 38
+_PPID, _FLAGS, _UTIME, _STIME, _PROCESSOR, _RT_PRIORITY, _POLICY = 1, 6, 11, 12, 36, 37, 38
+PF_KTHREAD = 0x00200000  # include/linux/sched.h
 POLICIES = {0: "other", 1: "fifo", 2: "rr", 3: "batch", 5: "idle", 6: "deadline"}
 
 
@@ -36,6 +37,7 @@ class Stat:
     last_cpu: int
     policy: str
     rt_priority: int
+    kernel: bool = False  # a kernel thread (PF_KTHREAD)
 
 
 @attrs.frozen
@@ -72,6 +74,7 @@ def parse_stat(text: str) -> Stat:
         last_cpu=int(f[_PROCESSOR]),
         policy=POLICIES.get(policy, str(policy)),
         rt_priority=int(f[_RT_PRIORITY]),
+        kernel=bool(int(f[_FLAGS]) & PF_KTHREAD),
     )
 
 

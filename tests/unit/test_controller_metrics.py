@@ -38,6 +38,7 @@ async def test_answers_are_counted_by_method_and_reason(tmp_path: Path) -> None:
             float_cpus=lambda: 5,
             connections=lambda: 2,
             stale_removed=lambda: 1,
+            kernel_threads_moved=lambda: 4,
         )
     )
     await service.dispatch(PEER, b"{not json")
@@ -58,6 +59,7 @@ async def test_answers_are_counted_by_method_and_reason(tmp_path: Path) -> None:
     assert m["instance_runner_controller_float_cpus"] == {(): 5}
     assert m["instance_runner_controller_open_connections"] == {(): 2}
     assert m["instance_runner_controller_stale_instances_removed_total"] == {(): 1}
+    assert m["instance_runner_controller_kernel_threads_moved_total"] == {(): 4}
     assert "process_cpu_seconds_total" in m
 
 

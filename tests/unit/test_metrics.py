@@ -170,6 +170,15 @@ def test_stat_fields_survive_a_thread_name_with_spaces() -> None:
     st = procfs.parse_stat(STAT)
     assert (st.comm, st.ppid, st.ticks, st.last_cpu) == ("CPU 0/KVM", 4200, 42, 3)
     assert (st.policy, st.rt_priority) == ("fifo", 1)
+    assert not st.kernel
+
+
+def test_a_kernel_thread_is_told_by_its_flags() -> None:
+    # kvm-nx-lpage-recovery as 6.1 shows it: PF_KTHREAD (0x00200000) is set in field 9.
+    text = "812 (kvm-nx-lpage-re) S 2 0 0 0 -1 2129984 0 0 0 0 0 3 0 0 20 0 1 0 4321 " + " ".join(
+        ["0"] * 30
+    )
+    assert procfs.parse_stat(text).kernel
 
 
 def test_schedstat_and_status() -> None:

@@ -14,13 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import Fault, Node, wait_for
+from .conftest import CG, Fault, Node, wait_for
 from .pods import (
     INSTANCES,
     PROBE,
     RUNNER,
     Daemon,
     assert_nothing_left,
+    container_of,
     cpu_list,
     float_cpus,
     start,
@@ -318,3 +319,44 @@ def test_bench_registration_latency(node: Node, tmp_path: Path, daemon: Daemon) 
     result = json.loads(out.strip().splitlines()[-1])
     print(f"\nregistration latency: {result}")
     assert result["sequential_fresh"]["n"] == 100 and result["concurrent_50"]["n"] == 100
+
+
+def kernel_thread(names: tuple[str, ...]) -> int:
+    """A kernel thread the kernel lets cgroups move (not bound to a CPU), by name."""
+    for p in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            comm = Path(f"/proc/{p}/comm").read_text().strip()
+        except OSError:
+            continue
+        if comm in names:
+            return int(p)
+    raise AssertionError(f"none of the kernel threads {names} runs here")
+
+
+def test_kernel_threads_in_the_container_cgroup_go_to_float(
+    node: Node, tmp_path: Path, daemon: Daemon
+) -> None:
+    """KVM's kvm-nx-lpage-recovery (kernels up to 6.12) is attached to the container cgroup
+    of the QEMU that made the VM. The test VM has no KVM, so another movable kernel thread is
+    written there, as the kernel would: the controller moves it to float."""
+    pod = start(node, tmp_path, daemon, "1-2", "k")
+    pod.wait_ready()
+    container = container_of(pod.pod.uid)
+    kthread = kernel_thread(("khugepaged", "kswapd0", "kcompactd0"))
+    home = Path(f"/proc/{kthread}/cgroup").read_text().strip().removeprefix("0::")
+    (container / "cgroup.procs").write_text(str(kthread))
+    try:
+        assert os.sched_getaffinity(kthread) & {1, 2}  # on the dedicated CPUs now
+        wait_for(
+            lambda: Path(f"/proc/{kthread}/cgroup").read_text().strip() == "0::/instances/float",
+            timeout=30,
+            what="the controller to move the kernel thread to float",
+        )
+        assert not os.sched_getaffinity(kthread) & {1, 2}
+        log = daemon.log.read_text()
+        moved = [json.loads(x) for x in log.splitlines() if '"kernel-thread-moved"' in x]
+        assert [m["pid"] for m in moved] == [kthread], log
+    finally:  # back where it was: float must be empty once the pod is gone
+        (CG / home.lstrip("/") / "cgroup.procs").write_text(str(kthread))
+    assert pod.pod.terminate() == 0
+    assert_nothing_left(pod.pod.uid)
