@@ -8,7 +8,9 @@ from __future__ import annotations
 import signal
 from pathlib import Path
 
-from .conftest import CG, Node
+import pytest
+
+from .conftest import CG, Fault, Node
 from .pods import (
     INSTANCES,
     Daemon,
@@ -16,6 +18,7 @@ from .pods import (
     assert_placed,
     container_of,
     cpu_list,
+    error_lines,
     events,
     start,
     start_runner,
@@ -136,3 +139,32 @@ def test_isolated_partition_from_the_controller(node: Node, tmp_path: Path) -> N
         assert log.count('"event": "partition-isolated"') == 2, log
     else:
         assert '"event": "partition-unsupported"' in log
+
+
+@pytest.mark.fault
+def test_cpus_held_exclusively_elsewhere_are_refused(
+    node: Node, tmp_path: Path, fault: Fault
+) -> None:
+    if not SUPPORTED:
+        pytest.skip("no isolated partitions before 6.7")
+    fault.declare(
+        "--partition isolated, the CPUs already exclusive to another cgroup",
+        "exit 1, one error line naming the file, errno and rule; nothing left",
+    )
+    other = CG / "other-partition"
+    other.mkdir()
+    try:
+        (other / "cpuset.cpus.exclusive").write_text("2")
+        rp = start_runner(node, tmp_path, "1-2", "--partition", "isolated")
+        code, err = rp.finish()
+        errors = error_lines(err)
+        fault.saw(f"exit {code}", *(f"error: {e['error']}" for e in errors))
+        assert code == 1, err
+        (error,) = errors
+        assert "isolated partition" in error["error"] and "cpuset.cpus.exclusive" in error["error"]
+        assert "EINVAL" in error["error"] and "cgroup-v2.rst" in error["error"]
+        assert read(INSTANCES / "cpuset.cpus.exclusive") == ""
+        assert read(CG / "cpuset.cpus.isolated") == ""
+        assert_nothing_left(rp.pod.uid)
+    finally:
+        other.rmdir()
