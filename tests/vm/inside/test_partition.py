@@ -151,6 +151,7 @@ def test_cpus_held_exclusively_elsewhere_are_refused(
         "--partition isolated, the CPUs already exclusive to another cgroup",
         "exit 1, one error line naming the file, errno and rule; nothing left",
     )
+    (CG / "cgroup.subtree_control").write_text("+cpuset")
     other = CG / "other-partition"
     other.mkdir()
     try:
