@@ -168,3 +168,22 @@ def parse_cpu_manager_state(text: str) -> KubeletState:
         )
     except cpus.CpuListError as e:
         raise KubeError(f"cpu_manager_state: {e}") from None
+
+
+# kubelet's CPU weights (pkg/kubelet/cm): requests in millicores become cgroup v1 shares
+# (MilliCPUToShares), and shares become cgroup v2 cpu.weight (CpuSharesToCpuWeight).
+MIN_SHARES, MAX_SHARES = 2, 262144
+
+
+def milli_cpu_to_shares(milli: int) -> int:
+    return min(MAX_SHARES, max(MIN_SHARES, milli * 1024 // 1000))
+
+
+def shares_to_weight(shares: int) -> int:
+    return 1 + ((shares - 2) * 9999) // 262142
+
+
+def cpu_weight(milli: int) -> int:
+    """The cpu.weight kubelet gives a cgroup whose pods request `milli` millicores: a pod's
+    own cgroup, or kubepods for the node's allocatable CPUs."""
+    return shares_to_weight(milli_cpu_to_shares(milli))

@@ -21,7 +21,7 @@ from runner.log import log
 from runner.node import partition
 from runner.node.cgroupfs import CgroupError
 from runner.node.kubelet import Unknown, read_state, watch_kubelet_state
-from runner.node.layout import Layout, held_cpus, online_cpus, stale
+from runner.node.layout import Layout, held_cpus, online_cpus, root_weight, stale
 
 
 def float_target(
@@ -95,6 +95,7 @@ class FloatKeeper:
             partition.trim(cg, layout.root, [i.path for i in instances.values()])
         except (partition.PartitionError, CgroupError) as e:
             log.warning("partition-trim-failed", error=str(e))
+        self.weigh(held_cpus(instances) | held)
         current = layout.float_cpus()
         want = float_target(state, self.online(), held_cpus(instances) | held, current)
         if want is None:
@@ -113,6 +114,20 @@ class FloatKeeper:
             return current
         self.apply(current, want, reason)
         return want
+
+    def weigh(self, held: CpuSet) -> None:
+        """`<root>`'s cpu.weight as the rule says, where the cpu controller reaches it."""
+        cg, root = self.layout.cg, self.layout.root
+        if not (cg.dir(root) / "cpu.weight").exists():
+            return  # no cpu controller delegated to <root>'s parent
+        want = root_weight(held)
+        try:
+            have = int(cg.read(root, "cpu.weight"))
+            if have != want:
+                cg.write(root, "cpu.weight", str(want))
+                log.info("root-weight", old=have, new=want, held_cpus=len(held))
+        except (CgroupError, ValueError) as e:
+            log.warning("root-weight-failed", error=str(e))
 
     def apply(self, current: CpuSet | None, want: CpuSet, reason: str) -> None:
         """Write, then spread, then log. The spread is what 6.2+ needs: a thread keeps the

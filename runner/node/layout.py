@@ -11,7 +11,7 @@ import attrs
 
 from runner import cpus
 from runner.cpus import CpuSet
-from runner.kube import KubeletState
+from runner.kube import KubeletState, cpu_weight
 from runner.node.cgroupfs import CgroupError, CgroupFS
 from runner.node.kubelet import Unknown
 
@@ -43,6 +43,17 @@ def stale(
         for uuid, inst in sorted(instances.items())
         if not inst.threads and uuid not in state.entries and uuid not in young
     ]
+
+
+DEFAULT_WEIGHT = 100  # what any cgroup has unless told otherwise
+
+
+def root_weight(held: CpuSet) -> int:
+    """`<root>`'s cpu.weight: what kubelet would give the VM pods' own cgroups together
+    (each Guaranteed VM pod requests its dedicated CPUs), so that their helpers in float get
+    the pods' share against kubepods when the shared CPUs are busy. Never below the default
+    a cgroup has: a node with few VM CPUs keeps it."""
+    return max(DEFAULT_WEIGHT, cpu_weight(1000 * len(held)))
 
 
 def held_cpus(instances: Mapping[str, Instance]) -> CpuSet:

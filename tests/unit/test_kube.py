@@ -5,6 +5,7 @@ import json
 import pytest
 
 from runner import kube
+from runner.node import layout
 
 UID = "0a1b2c3d-1111-2222-3333-444455556666"
 U_ = UID.replace("-", "_")
@@ -153,3 +154,19 @@ def test_only_the_static_policy_passes_the_policy_check() -> None:
     none = kube.parse_cpu_manager_state('{"policyName":"none","defaultCpuSet":""}')
     with pytest.raises(kube.KubeError, match="cpuManagerPolicy: static"):
         kube.check_static(none)
+
+
+@pytest.mark.parametrize(
+    ("milli", "weight"),
+    [(0, 1), (1000, 39), (2000, 79), (4000, 157), (64000, 2500), (10**9, 10000)],
+)
+def test_cpu_weight_is_kubelets(milli: int, weight: int) -> None:
+    # MilliCPUToShares then CpuSharesToCpuWeight (pkg/kubelet/cm), as kubelet writes them.
+    assert kube.cpu_weight(milli) == weight
+
+
+def test_the_root_weighs_what_its_vm_pods_would_and_never_less_than_the_default() -> None:
+    assert layout.root_weight(frozenset()) == 100
+    assert layout.root_weight(frozenset({1, 2})) == 100  # kubelet's 79
+    assert layout.root_weight(frozenset(range(1, 8))) == kube.cpu_weight(7000) == 274
+    assert layout.root_weight(frozenset(range(64))) == 2500

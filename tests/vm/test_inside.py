@@ -22,9 +22,10 @@ INSIDE = [
     pytest.param("test_guest_smoke.py", ["--cpus", "4", "--memory", "3072"], [], id="guest-smoke"),
     pytest.param("test_faults.py", ["--cpus", "4"], [], id="faults"),
     # Two NUMA nodes of two cores with two hyperthreads (node0 = CPUs 0-3, node1 = 4-7), and
-    # an emulated NIC behind an IOMMU on node 1 for VFIO.
+    # an emulated NIC behind an IOMMU on node 1 for VFIO; its 8 CPUs also show <root>'s
+    # cpu.weight at work.
     pytest.param(
-        "test_topology.py",
+        "test_topology.py test_weight.py",
         ["--topology", "sockets=2,cores=2,threads=2", "--pci-device-node", "1"],
         [],
         id="topology",
