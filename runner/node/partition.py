@@ -27,8 +27,8 @@ EXCLUSIVE = "cpuset.cpus.exclusive"
 PARTITION = "cpuset.cpus.partition"
 # The rule an exclusive write obeys, for errors (cgroup-v2.rst, cpuset.cpus.exclusive).
 RULE = (
-    "cgroup-v2.rst: 'The value of cpuset.cpus.exclusive must be a subset of its parent's "
-    "cpuset.cpus.exclusive' and may not overlap a sibling's"
+    "cgroup-v2.rst, cpuset.cpus.exclusive: a cgroup's exclusive CPUs must lie within its "
+    "parent's and must not overlap a sibling's"
 )
 
 
