@@ -197,7 +197,12 @@ class Service:
                     if not self.cg.exists(self.layout.instance(uuid)):
                         self._containers.pop(uuid, None)  # removed as stale
                         continue
-                    self._sweep_container(uuid, container)
+                    try:
+                        self._sweep_container(uuid, container)
+                    except Exception as e:  # a bad moment in /proc must not stop the daemon
+                        log.error(
+                            "kernel-sweep-failed", uuid=uuid, error=f"{type(e).__name__}: {e}"
+                        )
 
     def _sweep_container(self, uuid: str, container: str) -> None:
         try:
