@@ -15,7 +15,7 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from .conftest import Node, wait_for
+from .conftest import CG, Node, wait_for
 from .pods import (
     FLOAT,
     INSTANCES,
@@ -76,6 +76,19 @@ def exec_busy(rp: RunnerPod) -> subprocess.Popen[bytes]:
         ],
         start_new_session=True,
     )
+
+
+def busy_child_in(hog: subprocess.Popen[bytes], cgroup: str) -> bool:
+    """The busy process nsenter forked for `hog` runs, in `cgroup`."""
+    try:
+        children = Path(f"/proc/{hog.pid}/task/{hog.pid}/children").read_text().split()
+        return bool(children) and all(
+            Path(f"/proc/{c}/cgroup").read_text().strip() == f"0::{cgroup}"
+            and Path(f"/proc/{c}/comm").read_text().strip() == "sh"
+            for c in children
+        )
+    except OSError:
+        return False
 
 
 def kill(p: subprocess.Popen[bytes]) -> None:
@@ -271,7 +284,19 @@ def test_a_noisy_neighbour_delays_vcpus_only_without_isolation(node: Node, tmp_p
         rp, _ready = start_spinner(node, work, address, *args)
         hogs = [exec_busy(rp) for _ in range(4)]
         try:
-            time.sleep(2)  # isolated: swept within a second
+            # Each exec takes a while under nested emulation: the window opens once all four
+            # are busy where they will stay (isolated: swept to float, else the container).
+            home = (
+                "/instances/float"
+                if mode == "isolated"
+                else "/" + str(container_of(rp.pod.uid).relative_to(CG))
+            )
+            wait_for(
+                lambda hogs=hogs, home=home: all(busy_child_in(h, home) for h in hogs),
+                timeout=60,
+                what=f"the busy processes to be in {home}",
+            )
+            time.sleep(0.5)
             before = by_vcpu(scrape(address)["instance_runner_vcpu_delay_seconds_total"])[0]
             time.sleep(window)
             after = by_vcpu(scrape(address)["instance_runner_vcpu_delay_seconds_total"])[0]
