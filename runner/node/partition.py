@@ -21,6 +21,7 @@ from runner import cpus
 from runner.cpus import CpuSet
 from runner.log import log
 from runner.node.cgroupfs import CgroupError, CgroupFS
+from runner.node.layout import INSTANCE_PREFIX
 
 PartitionMode = Literal["none", "isolated"]
 EXCLUSIVE = "cpuset.cpus.exclusive"
@@ -122,8 +123,6 @@ def trim(cg: CgroupFS, root: str, instances: Iterable[str]) -> None:
 
 
 def _siblings(cg: CgroupFS, root: str, instance: str) -> list[str]:
-    from runner.node.layout import INSTANCE_PREFIX  # layout imports this module
-
     return [
         p
         for p in cg.children(root)
@@ -137,14 +136,6 @@ def _write(cg: CgroupFS, cgroup: str, name: str, value: str) -> None:
     except CgroupError as e:
         rule = f" ({RULE})" if name == EXCLUSIVE else ""
         raise PartitionError(f"{e}{rule}") from None
-
-
-def describe(cg: CgroupFS, instance: str) -> str:
-    """The partition state as the kernel reports it, for logs and errors."""
-    try:
-        return cg.read(instance, PARTITION).strip()
-    except CgroupError:
-        return "unknown"
 
 
 def isolate_or_warn(cg: CgroupFS, root: str, instance: str, own: CpuSet) -> bool:
