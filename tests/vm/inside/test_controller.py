@@ -353,9 +353,13 @@ def test_kernel_threads_in_the_container_cgroup_go_to_float(
             what="the controller to move the kernel thread to float",
         )
         assert not os.sched_getaffinity(kthread) & {1, 2}
-        log = daemon.log.read_text()
-        moved = [json.loads(x) for x in log.splitlines() if '"kernel-thread-moved"' in x]
-        assert [m["pid"] for m in moved] == [kthread], log
+
+        def moved() -> list[int]:  # the line is written just after the move: wait for it
+            log = daemon.log.read_text().splitlines()
+            return [json.loads(x)["pid"] for x in log if '"kernel-thread-moved"' in x]
+
+        wait_for(moved, timeout=10, what="the kernel-thread-moved line")
+        assert moved() == [kthread], daemon.log.read_text()
     finally:  # back where it was: float must be empty once the pod is gone
         (CG / home.lstrip("/") / "cgroup.procs").write_text(str(kthread))
     assert pod.pod.terminate() == 0
