@@ -10,12 +10,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import click
-import trio
 
 from runner import __version__, httpd
 from runner.log import log
 from runner.run.options import RUN_DIR_BASE, Options
-from runner.run.steps import STEP_NAMES
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -27,6 +25,24 @@ def _address(_ctx: click.Context, _param: click.Parameter, value: str | None) ->
         except httpd.AddressError as e:
             raise click.BadParameter(str(e)) from None
     return value
+
+
+class StepChoice(click.Choice):  # type: ignore[type-arg]
+    """The start-up step names, read from the step list only when needed: importing the runner
+    costs the controller and every other command seconds in a slow VM."""
+
+    def __init__(self) -> None:
+        super().__init__([])
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        from runner.run.steps import STEP_NAMES
+
+        return tuple(STEP_NAMES)
+
+    @choices.setter
+    def choices(self, _value: object) -> None:
+        pass
 
 
 def option(*decls: str, env: str, **kw: Any) -> Callable[[F], F]:
@@ -178,7 +194,7 @@ def cli() -> None:
 @option(
     "--pause-before",
     env="PAUSE_BEFORE",
-    type=click.Choice(STEP_NAMES),
+    type=StepChoice(),
     hidden=True,
     help="Testing: wait before this start-up step.",
 )
@@ -200,6 +216,8 @@ def run(log_format: str, log_level: str, **kw: Any) -> None:
     log.configure(log_format, log_level)  # type: ignore[arg-type]
     # Before trio opens its own: the fds a spec may name are the ones we were handed.
     inherited = frozenset(int(fd) for fd in os.listdir("/proc/self/fd")) - {0, 1, 2}
+    import trio
+
     from runner.run.supervisor import Supervisor
 
     sys.exit(trio.run(Supervisor(Options(**kw, inherited_fds=inherited)).run))
@@ -235,6 +253,8 @@ def controller(log_format: str, log_level: str, **kw: Any) -> None:
     from runner.controller.service import ControllerOptions
 
     log.configure(log_format, log_level)  # type: ignore[arg-type]
+    import trio
+
     sys.exit(trio.run(Server(ControllerOptions(**kw)).run))
 
 

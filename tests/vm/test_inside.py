@@ -9,61 +9,58 @@ import pytest
 
 from .conftest import REPO, VMRunner
 
-# Longest first (seconds on a 2-core machine, one test VM per core, measured): the suite runs
-# on two pytest-xdist workers, and these few tests decide when it ends. Both Debian kernel
-# series are covered: 6.1 (the default) and 6.12, which differ in how affinity survives cpuset
-# changes (6.2+) and in partitions (6.7+). The runner's own module runs on both; the others
-# are shared out between them, as running all on both would take the suite past 45 minutes.
-INSIDE = [
-    pytest.param("test_node_faults.py", ["--cpus", "4"], [], id="node-faults"),  # 520
-    pytest.param(
-        "test_controller.py", ["--cpus", "4", "--kernel", "6.12"], [], id="controller-6.12"
-    ),  # 490
-    pytest.param("test_podsim.py", ["--cpus", "4"], [], id="podsim"),  # 410
+# Each module's test VM options, and its time in seconds measured on a 2-core machine with
+# another test VM running beside it (one TCG thread each). Every module runs on both Debian
+# kernel series: 6.1 and 6.12 differ in how affinity survives cpuset changes (6.2+), in
+# partitions (6.7+), and 6.12 also has SO_PEERPIDFD (6.5+).
+MODULES: list[tuple[str, str, list[str], int]] = [
+    ("node-faults", "test_node_faults.py", ["--cpus", "4"], 260),
+    ("controller", "test_controller.py", ["--cpus", "4"], 240),
+    ("podsim", "test_podsim.py", ["--cpus", "4"], 210),
     # The image under podman and crun: its layers and two containers live in the VM's memory.
-    pytest.param(
-        "test_container.py", ["--cpus", "4", "--memory", "4096"], [], id="container"
-    ),  # 405
-    pytest.param("test_faults.py", ["--cpus", "4", "--kernel", "6.12"], [], id="faults-6.12"),
-    pytest.param("test_runner.py", ["--cpus", "4"], [], id="runner"),  # 320
-    pytest.param("test_runner.py", ["--cpus", "4", "--kernel", "6.12"], [], id="runner-6.12"),
+    ("container", "test_container.py", ["--cpus", "4", "--memory", "4096"], 200),
+    ("faults", "test_faults.py", ["--cpus", "4"], 180),
+    ("runner", "test_runner.py", ["--cpus", "4"], 180),
     # Metrics, probes and inspect: what an operator sees of a running instance; and isolated
-    # partitions falling back on 6.1 (three modules, one test VM).
-    pytest.param(
-        "test_observe.py test_inspect.py test_partition.py", ["--cpus", "4"], [], id="observe"
-    ),  # 290
+    # partitions (6.12), or their fallback with one warning (6.1).
+    ("observe", "test_observe.py test_inspect.py test_partition.py", ["--cpus", "4"], 150),
     # Two NUMA nodes of two cores with two hyperthreads (node0 = CPUs 0-3, node1 = 4-7), and
     # an emulated NIC behind an IOMMU on node 1 for VFIO; its 8 CPUs also show <root>'s
     # cpu.weight at work.
-    pytest.param(
+    (
+        "topology",
         "test_topology.py test_weight.py",
         ["--topology", "sockets=2,cores=2,threads=2", "--pci-device-node", "1"],
-        [],
-        id="topology",
-    ),  # 290
+        150,
+    ),
+]
+KERNELS = ["6.1", "6.12"]
+ONCE = [
     # TCG inside TCG: a real guest needs minutes here. One run proves the whole chain isolated.
-    pytest.param(
-        "test_guest_smoke.py", ["--cpus", "4", "--memory", "3072"], [], id="guest-smoke"
-    ),  # 220
-    # 6.2+ keeps a thread's requested affinity across cpuset changes: float growing under
-    # running threads is proven again on 6.12; 6.7+ has isolated partitions.
-    pytest.param(
-        "test_node_faults.py test_partition.py",
-        ["--cpus", "4", "--kernel", "6.12"],
-        ["-k", "float_growth or partition"],
-        id="node-faults-6.12",
-    ),  # 190
+    ("guest-smoke", "test_guest_smoke.py", ["--cpus", "4", "--memory", "3072"], 110),
     # Realtime (SCHED_FIFO) vCPUs, on Debian's PREEMPT_RT 6.12.
-    pytest.param(
-        "test_realtime.py", ["--cpus", "4", "--kernel", "6.12-rt"], [], id="realtime-6.12-rt"
-    ),  # 130
+    ("realtime-6.12-rt", "test_realtime.py", ["--cpus", "4", "--kernel", "6.12-rt"], 70),
+]
+# Longest first: the suite runs on two pytest-xdist workers, and the last long ones decide
+# when it ends.
+INSIDE = [
+    pytest.param(module, args, id=name)
+    for name, module, args, _ in sorted(
+        [
+            (f"{name}-{kernel}", module, [*args, "--kernel", kernel], seconds)
+            for name, module, args, seconds in MODULES
+            for kernel in KERNELS
+        ]
+        + ONCE,
+        key=lambda m: -m[3],
+    )
 ]
 
 
 @pytest.mark.vm
 @pytest.mark.slow
-@pytest.mark.parametrize(("module", "vm_args", "select"), INSIDE)
-def test_inside_vm(testvm: VMRunner, module: str, vm_args: list[str], select: list[str]) -> None:
+@pytest.mark.parametrize(("module", "vm_args"), INSIDE)
+def test_inside_vm(testvm: VMRunner, module: str, vm_args: list[str]) -> None:
     if module == "test_container.py":  # the image archive, built offline (or up to date)
         image = subprocess.run([REPO / "scripts" / "image"], capture_output=True, text=True)
         assert image.returncode == 0, image.stderr
@@ -82,7 +79,6 @@ def test_inside_vm(testvm: VMRunner, module: str, vm_args: list[str], select: li
         "--color=no",
         "--durations=10",
         *(f"tests/vm/inside/{m}" for m in module.split()),
-        *select,
         timeout=2000,
     )
     print(r.stdout)  # its slowest tests, shown with -rP
