@@ -234,6 +234,13 @@ def run(log_format: str, log_level: str, **kw: Any) -> None:
 @node_options
 @seconds("idle-timeout", 10.0, "A connection that sends nothing for this long is closed.")
 @seconds("resync-interval", 10.0, "Reconcile at least this often, whatever the events.")
+@seconds(
+    "verify-interval",
+    1.0,
+    "How often the vCPUs it placed for a pod are checked and put back, and anything that "
+    "joined the pod's container cgroup is moved to float. 0: never.",
+    minimum=0,
+)
 @option(
     "--health-address",
     env="HEALTH_ADDRESS",

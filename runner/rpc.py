@@ -8,11 +8,12 @@ size limit, a client call) is a thin layer over trio streams.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Literal
 
 import attrs
 import trio
 
+from runner.plan import Placed
 from runner.spec import converter as strict_converter
 from runner.spec import describe
 
@@ -80,9 +81,44 @@ class HealthResult:
     instances: int
 
 
+@attrs.frozen
+class MoveParams:
+    """Move one process of the caller's pod (`pid` as the caller sees it, in its own PID
+    namespace) into float or back into its container cgroup."""
+
+    uuid: str
+    pid: int
+    to: Literal["float", "container"]
+
+
+@attrs.frozen
+class MoveResult:
+    moved: bool
+
+
+@attrs.frozen
+class PlaceParams:
+    """QEMU (`qemu`) to float and its vCPU threads each into the instance cgroup, on its
+    CPU, SCHED_FIFO where a priority is given; then kept so while QEMU lives. `anchor` is the
+    one process that stays in the container cgroup; anything else that joins it is moved to
+    float. PIDs and TIDs as the caller sees them."""
+
+    uuid: str
+    qemu: int
+    anchor: int
+    vcpus: list[Placed]
+
+
+@attrs.frozen
+class PlaceResult:
+    placed: int
+
+
 PARAMS: dict[str, type] = {
     "registerCgroup": RegisterParams,
     "deregisterCgroup": DeregisterParams,
+    "moveProcess": MoveParams,
+    "placeVcpus": PlaceParams,
     "listInstances": EmptyParams,
     "health": EmptyParams,
 }

@@ -4,7 +4,8 @@ pid reused later cannot pass for the caller.
 With SO_PEERPIDFD (Linux 6.5+) the kernel hands us the peer itself: its cgroup is read, and
 the pidfd then proves that the process still lives, so the cgroup read was its own. Older
 kernels give only the pid: its start time is read before and after the cgroup, and a change
-(or a vanished process) leaves the caller unidentified.
+(or a vanished process) leaves the caller unidentified. Its PID namespace is read the same way:
+it marks the pod once the runner has left its container cgroup.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ class Peer:
     pid: int | None
     pod: PodCgroup | None  # None: not in a pod's container cgroup, or not provably so
     how: str
+    pidns: int | None = None  # the inode of its PID namespace; None: not provably its own
 
     @property
     def hidden(self) -> bool:
@@ -58,6 +60,13 @@ def start_time(pid: int) -> int | None:
     return int(stat.rsplit(")", 1)[1].split()[19])
 
 
+def pid_namespace(pid: int) -> int | None:
+    try:
+        return os.stat(f"/proc/{pid}/ns/pid").st_ino
+    except OSError:
+        return None
+
+
 def _exited(pidfd: int) -> bool:
     poller = select.poll()
     poller.register(pidfd, select.POLLIN)
@@ -77,11 +86,14 @@ def identify(sock: socket.socket) -> Peer:
         pidfd = -1
     if pidfd >= 0:
         try:
-            pod = pod_of(pid)
-            return Peer(pid, None if _exited(pidfd) else pod, "pidfd")
+            pod, ns = pod_of(pid), pid_namespace(pid)
+            if _exited(pidfd):
+                return Peer(pid, None, "pidfd")
+            return Peer(pid, pod, "pidfd", ns)
         finally:
             os.close(pidfd)
     before = start_time(pid)
-    pod = pod_of(pid)
-    same = before is not None and start_time(pid) == before
-    return Peer(pid, pod if same else None, "pid and start time")
+    pod, ns = pod_of(pid), pid_namespace(pid)
+    if before is None or start_time(pid) != before:
+        return Peer(pid, None, "pid and start time")
+    return Peer(pid, pod, "pid and start time", ns)

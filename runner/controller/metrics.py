@@ -18,6 +18,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from runner import rpc
+from runner.run.metrics import Kept, keeping
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
@@ -53,12 +54,14 @@ class Held:
         connections: Callable[[], int],
         stale_removed: Callable[[], int],
         kernel_threads_moved: Callable[[], int] = lambda: 0,
+        kept: Callable[[], list[Kept]] = list,
     ) -> None:
         self.instances = instances
         self.float_cpus = float_cpus
         self.connections = connections
         self.stale_removed = stale_removed
         self.kernel_threads_moved = kernel_threads_moved
+        self.kept = kept  # per pod whose vCPUs it keeps: [pod uid], drifts, repins, moves
 
 
 class ControllerMetrics:
@@ -115,6 +118,7 @@ class ControllerMetrics:
             "Kernel threads (KVM's workers) moved from a VM pod's container cgroup to float.",
             value=held.kernel_threads_moved(),
         )
+        yield from keeping(PREFIX, ["pod_uid"], held.kept())
 
     def answered(self, method: str, code: int | None) -> None:
         """One request answered: `code` None for a result, else its error code."""

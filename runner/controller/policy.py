@@ -4,12 +4,13 @@ weighs is passed in, read by the handlers; the verdict is an RPC error or the CP
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from runner import cpus, kube, rpc
 from runner.cpus import CpuSet
 from runner.kube import KubeletState, PodCgroup
 from runner.node.kubelet import Unknown
+from runner.plan import Placed
 
 
 def refuse(code: int, message: str) -> rpc.RPCError:
@@ -101,3 +102,56 @@ def may_take(uuid: str, wanted: CpuSet, live: Mapping[str, CpuSet]) -> bool:
     if clash:
         raise refuse(rpc.CONFLICT, "CPUs already held by instance(s) " + ", ".join(clash))
     return False
+
+
+def check_tenant(
+    uuid: str, caller_ns: int | None, tenants: Mapping[str, int], own_ns: int, hidden: bool = False
+) -> int:
+    """Who may move threads for `uuid`: a process of the PID namespace that registered it (the
+    runner's container; kubectl exec joins it too). It is the tenant's mark once the runner
+    has left its container cgroup. A pod in the node's own PID namespace (hostPID) cannot be
+    told from any other process, and is refused. Returns the tenant's namespace."""
+    if kube.normalise_uid(uuid) != uuid:
+        raise refuse(rpc.INVALID_PARAMS, f"invalid params: uuid {uuid!r} is not a pod UID")
+    if hidden or caller_ns is None:
+        raise refuse(rpc.FORBIDDEN, "the caller's PID namespace cannot be known")
+    ns = tenants.get(uuid)
+    if ns is None:
+        raise refuse(rpc.FORBIDDEN, f"pod {uuid} has not registered an instance")
+    if ns != caller_ns:
+        raise refuse(rpc.FORBIDDEN, f"the caller is not of pod {uuid}'s PID namespace")
+    if ns == own_ns:
+        raise refuse(
+            rpc.FORBIDDEN,
+            f"pod {uuid} shares the node's PID namespace (hostPID): its processes cannot be "
+            "told from anyone else's",
+        )
+    return ns
+
+
+def check_placement(vcpus: Sequence[Placed], instance: CpuSet) -> None:
+    """Each vCPU on a CPU of its own instance cgroup, each CPU once, each vCPU once, with a
+    FIFO priority in 0-99 (0: not realtime)."""
+    if not vcpus:
+        raise refuse(rpc.INVALID_PARAMS, "invalid params: no vCPUs")
+    seen_cpus: set[int] = set()
+    seen_vcpus: set[int] = set()
+    for p in vcpus:
+        if p.tid <= 0 or p.vcpu < 0:
+            raise refuse(rpc.INVALID_PARAMS, f"invalid params: vCPU {p.vcpu} thread {p.tid}")
+        if not 0 <= p.priority <= 99:
+            raise refuse(rpc.INVALID_PARAMS, f"invalid params: priority {p.priority} not in 0-99")
+        if p.cpu not in instance:
+            raise refuse(
+                rpc.FORBIDDEN,
+                f"CPU {p.cpu} is not the instance's ({cpus.format(instance) or 'none'})",
+            )
+        if p.cpu in seen_cpus or p.vcpu in seen_vcpus:
+            raise refuse(rpc.INVALID_PARAMS, f"invalid params: vCPU {p.vcpu} or CPU {p.cpu} twice")
+        seen_cpus.add(p.cpu)
+        seen_vcpus.add(p.vcpu)
+
+
+def check_pid(pid: int) -> None:
+    if pid <= 0:
+        raise refuse(rpc.INVALID_PARAMS, f"invalid params: pid {pid}")

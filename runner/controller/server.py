@@ -37,6 +37,7 @@ class Server:
                 connections=lambda: self._open,
                 stale_removed=lambda: self.service.keeper.removed,
                 kernel_threads_moved=lambda: self.service.kernel_threads_moved,
+                kept=self.service.tenants.kept,
             )
         )
 
@@ -150,6 +151,8 @@ class Server:
             socket_ino = os.stat(self.opts.socket).st_ino
             try:
                 async with trio.open_nursery() as nursery:
+                    self.service.nursery = nursery
+                    self.service.adopt_tenants()
                     nursery.start_soon(
                         self.service.keeper.follow, self.opts.resync_interval, self.service.lock
                     )

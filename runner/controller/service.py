@@ -20,6 +20,7 @@ from runner import cpus, rpc
 from runner.controller import policy
 from runner.controller.identity import Peer
 from runner.controller.metrics import ControllerMetrics
+from runner.controller.tenants import Tenant, Tenants, keep
 from runner.log import log
 from runner.node import partition, procfs
 from runner.node.cgroupfs import CgroupError, CgroupFS
@@ -45,6 +46,7 @@ class ControllerOptions:
     resync_interval: float = 10.0
     health_address: str | None = None  # HOST:PORT for kubelet's HTTP probes; None: off
     partition: PartitionMode = "none"  # isolated: instance CPUs as isolated partitions
+    verify_interval: float = 1.0  # how often placed vCPUs are checked (0: never)
 
 
 class ControllerError(Exception):
@@ -63,7 +65,9 @@ class Service:
             self.layout, opts.kubelet_dir, self._young, timed=self.metrics.reconcile.observe
         )
         self._registered_at: dict[str, float] = {}
-        self._containers: dict[str, str] = {}  # instance uuid -> its pod's container cgroup
+        self.tenants = Tenants(self.cg, self.layout)  # registered pods, by instance uuid
+        self.own_ns = procfs.pid_namespace(os.getpid())
+        self.nursery: trio.Nursery | None = None  # where pods' keepers run (the server's)
         self._kept: set[int] = set()  # kernel threads the kernel would not let go
         self.kernel_threads_moved = 0
 
@@ -82,7 +86,7 @@ class Service:
                 f"--cgroup-root {self.opts.cgroup_root} is not below the "
                 f"cgroup mount {self.opts.cgroup_mount}"
             ) from None
-        self.layout = self.keeper.layout = Layout(self.cg, root)
+        self.layout = self.keeper.layout = self.tenants.layout = Layout(self.cg, root)
         self.online = online_cpus()
         try:
             host = read_host()
@@ -151,7 +155,7 @@ class Service:
             if isinstance(state, Unknown) or not state.entries.get(p.uuid):
                 self._registered_at[p.uuid] = time.monotonic()
             if peer.pod is not None:
-                self._containers[p.uuid] = peer.pod.path
+                self.tenants.by_uuid[p.uuid] = Tenant(p.uuid, peer.pod.path, peer.pidns or 0)
         log.info("instance-registered", uuid=p.uuid, cpuset=cpus.format(wanted), cgroup=path)
         self.keeper.poke()
         return rpc.RegisterResult(path, self.layout.float)
@@ -179,7 +183,9 @@ class Service:
                     rpc.BUSY, f"instance {p.uuid} still holds threads: {e}"
                 ) from None
             self._registered_at.pop(p.uuid, None)
-            self._containers.pop(p.uuid, None)
+            gone = self.tenants.by_uuid.pop(p.uuid, None)
+            if gone is not None:
+                gone.stop_keeping()
         log.info("instance-deregistered", uuid=p.uuid)
         self.keeper.poke()
         return rpc.DeregisterResult(True)
@@ -193,12 +199,13 @@ class Service:
         while True:
             await trio.sleep(interval)
             async with self.lock:
-                for uuid, container in list(self._containers.items()):
+                for uuid, tenant in list(self.tenants.by_uuid.items()):
                     if not self.cg.exists(self.layout.instance(uuid)):
-                        self._containers.pop(uuid, None)  # removed as stale
+                        self.tenants.by_uuid.pop(uuid, None)  # removed as stale
+                        tenant.stop_keeping()
                         continue
                     try:
-                        self._sweep_container(uuid, container)
+                        self._sweep_container(uuid, tenant.container)
                     except Exception as e:  # a bad moment in /proc must not stop the daemon
                         log.error(
                             "kernel-sweep-failed", uuid=uuid, error=f"{type(e).__name__}: {e}"
@@ -237,6 +244,47 @@ class Service:
                 detail="a kernel thread in the pod's container cgroup, on its dedicated CPUs",
             )
 
+    def _tenant(self, peer: Peer, uuid: str) -> Tenant:
+        ns = policy.check_tenant(
+            uuid,
+            peer.pidns,
+            {u: t.ns for u, t in self.tenants.by_uuid.items() if t.ns},
+            self.own_ns,
+            peer.hidden,
+        )
+        tenant = self.tenants.by_uuid[uuid]
+        assert tenant.ns == ns
+        return tenant
+
+    def adopt_tenants(self) -> None:
+        """A restarted controller keeps the running instances' vCPUs placed again."""
+        assert self.nursery is not None
+        for tenant, keeper, pidfd in self.tenants.adopt(self.layout.instances()):
+            self.nursery.start_soon(keep, tenant, keeper, pidfd, self.opts.verify_interval)
+
+    async def move_process(self, peer: Peer, p: rpc.MoveParams) -> rpc.MoveResult:
+        policy.check_pid(p.pid)
+        async with self.lock:
+            self.tenants.move(self._tenant(peer, p.uuid), p.pid, p.to)
+        return rpc.MoveResult(True)
+
+    async def place_vcpus(self, peer: Peer, p: rpc.PlaceParams) -> rpc.PlaceResult:
+        policy.check_pid(p.qemu)
+        policy.check_pid(p.anchor)
+        async with self.lock:
+            tenant = self._tenant(peer, p.uuid)
+            instance = self.layout.instances().get(p.uuid)
+            if instance is None:
+                raise rpc.RPCError(rpc.FORBIDDEN, f"pod {p.uuid} has no instance cgroup")
+            policy.check_placement(p.vcpus, instance.cpus)
+            if tenant.keeper is not None:
+                raise rpc.RPCError(rpc.CONFLICT, f"pod {p.uuid}'s vCPUs are placed already")
+            keeper, pidfd = self.tenants.place(tenant, p, instance.path)
+            tenant.keeper = keeper
+            assert self.nursery is not None
+            self.nursery.start_soon(keep, tenant, keeper, pidfd, self.opts.verify_interval)
+        return rpc.PlaceResult(len(p.vcpus))
+
     async def list_instances(self, _peer: Peer, _p: object) -> rpc.ListResult:
         return rpc.ListResult(
             [
@@ -265,6 +313,8 @@ class Service:
         handlers: dict[str, Callable[[Peer, Any], Awaitable[object]]] = {
             "registerCgroup": self.register,
             "deregisterCgroup": self.deregister,
+            "moveProcess": self.move_process,
+            "placeVcpus": self.place_vcpus,
             "listInstances": self.list_instances,
             "health": self.health,
         }

@@ -5,7 +5,11 @@ or handed out by the node controller. One interface, one class per mode:
   controller checks them);
 - `obtain(plan)`: the cgroups, ready for threads;
 - `maintain()`: runs beside the guest (embedded mode keeps float for the node);
-- `release()`: gives the instance cgroup back (safe to call when obtain failed half-way).
+- `release()`: gives the instance cgroup back (safe to call when obtain failed half-way);
+- the writes that move the pod's processes and threads: `enter_float`, `leave_float`,
+  `join_container` and `place`. Embedded, the runner makes them itself (it is privileged). In
+  controller mode the pod is unprivileged: the controller makes them, checks that each process
+  is the pod's own, and keeps the vCPUs placed (`keeps` is False).
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ from runner.node.cgroupfs import CgroupError, CgroupFS
 from runner.node.floatkeeper import FloatKeeper, FloatUnknown, float_target
 from runner.node.kubelet import Unknown, read_state
 from runner.node.layout import Layout, held_cpus, online_cpus
-from runner.plan import Plan
+from runner.node.pinning import PinError, place_vcpu
+from runner.plan import Placed, Plan
 from runner.run.options import StartupError
 
 # Embedded mode re-reads kubelet's state on every change, and at least this often.
@@ -39,6 +44,8 @@ class Cgroups:
 
 
 class CgroupSource(Protocol):
+    keeps: bool  # True: the runner keeps its vCPUs placed; False: the controller does
+
     def shared_cpus(self) -> CpuSet | None: ...
 
     async def obtain(self, plan: Plan) -> Cgroups: ...
@@ -47,9 +54,19 @@ class CgroupSource(Protocol):
 
     async def release(self) -> None: ...
 
+    async def enter_float(self, pid: int) -> None: ...
+
+    async def leave_float(self, pid: int) -> None: ...
+
+    async def join_container(self, pid: int) -> None: ...
+
+    async def place(self, qemu: int, placed: list[Placed], anchor: int) -> None: ...
+
 
 class Embedded:
     """float and the instance cgroup made by the runner; every runner keeps float for all."""
+
+    keeps = True
 
     def __init__(
         self,
@@ -67,6 +84,7 @@ class Embedded:
         self.partition = mode
         self._made: str | None = None
         self._isolated = False
+        self.container = ""  # set by make_source
 
     def shared_cpus(self) -> CpuSet:
         state = read_state(self.kubelet_dir)
@@ -124,11 +142,29 @@ class Embedded:
                 log.info("partition-undone", cgroup=self._made)
         await self.cg.remove(self._made)
 
+    async def enter_float(self, pid: int) -> None:
+        self.cg.move_process(self.layout.float, pid)
+
+    async def leave_float(self, pid: int) -> None:
+        self.cg.move_process(self.container, pid)
+
+    async def join_container(self, pid: int) -> None:
+        self.cg.move_process(self.container, pid)
+
+    async def place(self, qemu: int, placed: list[Placed], anchor: int) -> None:
+        assert self._made is not None
+        self.cg.move_process(self.layout.float, qemu)  # its RAM is allocated by now
+        for p in placed:
+            place_vcpu(self.cg, self._made, qemu, p)
+
 
 class FromController:
-    """float and the instance cgroup from the node controller. It knows us by our cgroup, so
-    we must be in the container cgroup at both calls: register before moving to float,
-    deregister after moving back."""
+    """float and the instance cgroup from the node controller, which makes every write for
+    us: the pod needs no privilege. It knows us by our cgroup at registration, so we must be
+    in the container cgroup then (and at deregistration, after moving back); in between, by
+    our PID namespace."""
+
+    keeps = False
 
     # Refusals that no retry will change.
     FINAL = (rpc.INVALID_PARAMS, rpc.FORBIDDEN, rpc.CONFLICT, rpc.METHOD_NOT_FOUND)
@@ -218,6 +254,34 @@ class FromController:
                 "cpu_manager_state",
             )
 
+    async def _ask(self, method: str, params: object, result: type) -> object:
+        """One write the controller makes for us; its refusal is a CgroupError (one line)."""
+        try:
+            return await rpc.call(
+                self.socket, method, params, result, timeout=min(10, self.timeout)
+            )
+        except (OSError, rpc.RPCError, trio.TooSlowError) as e:
+            raise CgroupError(
+                f"the controller did not {method}: {str(e) or type(e).__name__}"
+            ) from None
+
+    async def enter_float(self, pid: int) -> None:
+        await self._ask("moveProcess", rpc.MoveParams(self.uuid, pid, "float"), rpc.MoveResult)
+
+    async def leave_float(self, pid: int) -> None:
+        await self._ask("moveProcess", rpc.MoveParams(self.uuid, pid, "container"), rpc.MoveResult)
+
+    async def join_container(self, pid: int) -> None:
+        await self.leave_float(pid)
+
+    async def place(self, qemu: int, placed: list[Placed], anchor: int) -> None:
+        try:
+            await self._ask(
+                "placeVcpus", rpc.PlaceParams(self.uuid, qemu, anchor, placed), rpc.PlaceResult
+            )
+        except CgroupError as e:
+            raise PinError(str(e)) from None
+
 
 def make_source(
     cg: CgroupFS,
@@ -230,4 +294,6 @@ def make_source(
 ) -> CgroupSource:
     if controller_socket:
         return FromController(controller_socket, controller_timeout, pod.pod_uid, cg, pod.path)
-    return Embedded(cg, root, kubelet_dir, pod.pod_uid, mode)
+    embedded = Embedded(cg, root, kubelet_dir, pod.pod_uid, mode)
+    embedded.container = pod.path
+    return embedded

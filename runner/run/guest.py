@@ -13,9 +13,11 @@ import trio
 
 from runner.argv import Wiring, qemu_argv
 from runner.log import log
+from runner.node.cgroupfs import CgroupError
 from runner.plumbing import forward_lines
 from runner.procs import Child, Reaper
 from runner.qmp import QMP, QMPError
+from runner.run import services
 from runner.run.options import StartupError
 from runner.run.preflight import Prepared
 
@@ -65,26 +67,29 @@ class Guest:
         nursery: trio.Nursery,
         wiring: Wiring,
         inherit: list[int],
-        join_cgroup: str | None,
+        join: services.Join | None,
         resume_early: bool,
     ) -> None:
-        """QEMU, paused. `join_cgroup`: the cgroup.procs it joins before exec (the container's,
-        so that its preallocated RAM is charged to the pod)."""
+        """QEMU, paused. `join` puts it in the container cgroup before it runs (so that its
+        preallocated RAM is charged to the pod)."""
         iso = self.pre.isolation
         argv = qemu_argv(self.pre.spec, self.pre.accel, wiring, iso.plan.layout if iso else None)
         if resume_early:
             argv = [a for a in argv if a != "-S"]
-        if join_cgroup is not None:
-            # The wrapper joins the cgroup, then becomes QEMU (same pid).
-            argv = ["sh", "-c", 'echo $$ > "$0" && exec "$@"', join_cgroup, *argv]
         err_r, err_w = os.pipe()
         self.started_at = time.monotonic()
         self.exec_to_start = since_exec()
         try:
-            self.qemu = reaper.spawn("qemu", argv, pass_fds=inherit, stderr=err_w)
-        except OSError as e:
+            if join is None:
+                self.qemu = reaper.spawn("qemu", argv, pass_fds=inherit, stderr=err_w)
+            else:
+                self.qemu = await services.spawn_joined(
+                    reaper, "qemu", argv, join, pass_fds=inherit, stderr=err_w
+                )
+        except (OSError, CgroupError) as e:
             os.close(err_r)
-            raise StartupError(f"cannot start QEMU: {e.strerror}") from None
+            why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            raise StartupError(f"cannot start QEMU: {why}") from None
         finally:
             os.close(err_w)
         nursery.start_soon(self._forward_stderr, err_r)

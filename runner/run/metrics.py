@@ -57,10 +57,12 @@ class Sample:
     guest_status: str
     vcpus: tuple[VcpuSample, ...] = ()
     pressure: Mapping[str, Pressure] = attrs.Factory(dict)  # "instance" / "float" -> totals
-    repins: int = 0
-    drifts: int = 0
-    moved_to_float: int = 0  # processes, out of the container cgroup
-    evicted: int = 0  # threads that were no vCPU, out of the instance cgroup
+    # What keeping the vCPUs placed did. None in controller mode: the controller keeps them, and
+    # its /metrics counts, by pod.
+    repins: int | None = 0
+    drifts: int | None = 0
+    moved_to_float: int | None = 0  # processes, out of the container cgroup
+    evicted: int | None = 0  # threads that were no vCPU, out of the instance cgroup
     orphans_reaped: int = 0
     restarts: Mapping[str, int] = attrs.Factory(dict)  # child -> restarts
     step_seconds: Mapping[str, float] = attrs.Factory(dict)
@@ -139,22 +141,12 @@ def families(s: Sample) -> Iterator[Metric]:
             stalled.add_metric([cgroup], p.full_us / 1e6)
     yield from (waiting, stalled)
 
-    for name, value, text in (
-        ("vcpu_drifts", s.drifts, "vCPU threads found off their cgroup or CPU."),
-        ("vcpu_repins", s.repins, "vCPU threads put back after a drift."),
-        ("orphans_reaped", s.orphans_reaped, "Orphaned processes reaped as PID 1."),
-    ):
-        yield CounterMetricFamily(PREFIX + name, text, value=value)
-
-    moved = CounterMetricFamily(
-        PREFIX + "moved_to_float",
-        "Moved to float, off the dedicated CPUs: processes from the container cgroup (exec, "
-        "probes), threads that were no vCPU from the instance cgroup.",
-        labels=["from"],
+    yield CounterMetricFamily(
+        PREFIX + "orphans_reaped", "Orphaned processes reaped as PID 1.", value=s.orphans_reaped
     )
-    moved.add_metric(["container"], s.moved_to_float)
-    moved.add_metric(["instance"], s.evicted)
-    yield moved
+    if s.repins is not None:
+        row: Kept = ([], s.drifts or 0, s.repins, s.moved_to_float or 0, s.evicted or 0)
+        yield from keeping(PREFIX, [], [row])
 
     restarts = CounterMetricFamily(
         PREFIX + "child_restarts",
@@ -217,3 +209,31 @@ def readyz(
         if off or not vcpus:
             return 503, f"vCPUs not placed: {', '.join(map(str, off)) or 'none known'}\n"
     return 200, "ready\n"
+
+
+Kept = tuple[list[str], int, int, int, int]  # label values, drifts, repins, moved, evicted
+
+
+def keeping(prefix: str, labels: list[str], rows: list[Kept]) -> Iterator[Metric]:
+    """What keeping instances' vCPUs placed did: the runner's own (embedded mode), or the
+    controller's for each pod (controller mode), under the same names."""
+    from prometheus_client.core import CounterMetricFamily
+
+    drifts = CounterMetricFamily(
+        prefix + "vcpu_drifts", "vCPU threads found off their cgroup or CPU.", labels=labels
+    )
+    repins = CounterMetricFamily(
+        prefix + "vcpu_repins", "vCPU threads put back after a drift.", labels=labels
+    )
+    moved = CounterMetricFamily(
+        prefix + "moved_to_float",
+        "Moved to float, off the dedicated CPUs: processes from the container cgroup (exec, "
+        "probes), threads that were no vCPU from the instance cgroup.",
+        labels=[*labels, "from"],
+    )
+    for values, drifted, repinned, moved_out, evicted in rows:
+        drifts.add_metric(values, drifted)
+        repins.add_metric(values, repinned)
+        moved.add_metric([*values, "container"], moved_out)
+        moved.add_metric([*values, "instance"], evicted)
+    yield from (drifts, repins, moved)

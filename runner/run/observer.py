@@ -86,6 +86,7 @@ def pressure(s: Startup) -> dict[str, Pressure]:
 def sample(s: Startup) -> Sample:
     iso = s.pre.isolation
     keeper = s.keeper
+    kept = iso is None or iso.source.keeps  # else the controller keeps, and counts
     return Sample(
         name=s.pre.spec.name,
         pod_uid=iso.pod.pod_uid if iso else "",
@@ -94,10 +95,10 @@ def sample(s: Startup) -> Sample:
         guest_status=guest_status(s),
         vcpus=s.vcpu_counters.read(s),
         pressure=pressure(s),
-        repins=keeper.repins if keeper else 0,
-        drifts=keeper.drifts if keeper else 0,
-        moved_to_float=keeper.moved_to_float if keeper else 0,
-        evicted=keeper.evicted if keeper else 0,
+        repins=(keeper.repins if keeper else 0) if kept else None,
+        drifts=(keeper.drifts if keeper else 0) if kept else None,
+        moved_to_float=(keeper.moved_to_float if keeper else 0) if kept else None,
+        evicted=(keeper.evicted if keeper else 0) if kept else None,
         orphans_reaped=s.reaper.orphans_reaped,
         restarts=dict(s.reaper.restarts),
         step_seconds=dict(s.step_seconds),

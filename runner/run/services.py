@@ -8,7 +8,8 @@ the reaper shares it.
 from __future__ import annotations
 
 import os
-from collections.abc import Awaitable, Callable
+import signal
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ import trio
 
 from runner import plumbing, spec
 from runner.log import log
+from runner.node.cgroupfs import CgroupError
 from runner.procs import Child, Reaper
 
 
@@ -69,7 +71,43 @@ class _Status:
         self.started = started
 
 
-async def anchor(reaper: Reaper, procs: str, task_status: trio.TaskStatus[list[Child]]) -> None:
+# The child stops itself before it becomes the program (same pid), so that it can be put in
+# another cgroup by whoever may write there: the runner itself, or the node controller.
+HOLD = 'kill -STOP $$ && exec "$@"'
+
+Join = Callable[[int], Awaitable[None]]
+
+
+async def spawn_joined(
+    reaper: Reaper, name: str, argv: Sequence[str], join: Join, timeout: float = 10, **kw: Any
+) -> Child:
+    """A child that is in the container cgroup before it runs a single instruction of its
+    program: started stopped, moved by `join`, then let go. What it allocates (QEMU's
+    preallocated RAM) is charged to the pod. Raises OSError, or whatever `join` raises."""
+    child = reaper.spawn(name, ["sh", "-c", HOLD, "sh", *argv], **kw)
+    try:
+        with trio.fail_after(timeout):
+            while _state(child.pid) != "T":
+                if not child.running or _state(child.pid) in ("Z", ""):
+                    raise OSError(f"{name} exited before it joined the container cgroup")
+                await trio.sleep(0.005)
+        await join(child.pid)
+    except BaseException:
+        with trio.CancelScope(shield=True):
+            await child.stop(0, signal.SIGKILL)
+        raise
+    os.kill(child.pid, signal.SIGCONT)
+    return child
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return ""
+
+
+async def anchor(reaper: Reaper, join: Join, task_status: trio.TaskStatus[list[Child]]) -> None:
     """systemd removes a scope with no process in it: something must stay behind, and must
     be put back if it dies. Started while we are still in the container cgroup; a new one,
     started from float, joins the container cgroup itself. Reports a one-item list that
@@ -80,7 +118,7 @@ async def anchor(reaper: Reaper, procs: str, task_status: trio.TaskStatus[list[C
     try:
         while True:
             log.warning("anchor-died", code=await current[0].wait())
-            if not await _respawn(reaper, procs, current):
+            if not await _respawn(reaper, join, current):
                 return
             reaper.restarts["anchor"] += 1
             log.info("anchor-restarted", pid=current[0].pid)
@@ -91,25 +129,25 @@ async def anchor(reaper: Reaper, procs: str, task_status: trio.TaskStatus[list[C
             await current[0].stop(2)
 
 
-async def _respawn(reaper: Reaper, procs: str, current: list[Child]) -> bool:
-    """A new anchor, retried while fork fails; False once the container cgroup is gone."""
+async def _respawn(reaper: Reaper, join: Join, current: list[Child]) -> bool:
+    """A new anchor in the container cgroup, retried while fork fails; False once the
+    container cgroup is gone (or will not take it)."""
     delay = 0.1
-    while os.path.exists(procs):
+    while True:
         try:
-            current[0] = reaper.spawn(
-                "anchor", ["sh", "-c", 'echo $$ > "$0" && exec sleep infinity', procs]
-            )
+            current[0] = await spawn_joined(reaper, "anchor", ["sleep", "infinity"], join)
             return True
         except OSError as e:  # no fork now (a storm of processes)
-            log.error("anchor-restart-failed", error=e.strerror, retry=delay)
+            log.error("anchor-restart-failed", error=e.strerror or str(e), retry=delay)
+        except CgroupError as e:
+            log.error(
+                "container-cgroup-gone",
+                error=str(e),
+                detail="removed with its last process; the instance runs on",
+            )
+            return False
         await trio.sleep(delay)
         delay = min(delay * 2, 10.0)
-    log.error(
-        "container-cgroup-gone",
-        cgroup=str(Path(procs).parent),
-        detail="removed with its last process; the instance runs on",
-    )
-    return False
 
 
 async def dnsmasq(

@@ -23,6 +23,7 @@ from runner.argv import Wiring, dnsmasq_argv, virtiofsd_argv
 from runner.log import log
 from runner.node import procfs
 from runner.node.cgroupfs import CgroupError
+from runner.node.pinning import Keeper, PinError, check_placed
 from runner.plan import Placed
 from runner.procs import Child, Reaper
 from runner.run import services
@@ -30,7 +31,6 @@ from runner.run.cgroupsource import Cgroups
 from runner.run.guest import QUIT_GRACE, Guest, since_exec
 from runner.run.observer import VcpuCounters, log_vcpu_totals, routes
 from runner.run.options import Options, StartupError
-from runner.run.pinning import Keeper, place_vcpu
 from runner.run.preflight import Prepared
 from runner.run.readiness import ready_doc, write_ready
 from runner.run.services import Service
@@ -147,14 +147,10 @@ async def release_run_dir(s: Startup) -> None:
 # --- anchor: something must stay in the container cgroup ----------------------------------------
 
 
-def container_procs(s: Startup) -> str:
-    return str(s.pre.iso.cg.dir(s.pre.iso.container) / "cgroup.procs")
-
-
 async def start_anchor(s: Startup) -> None:
-    procs = container_procs(s)
+    join = s.pre.iso.source.join_container
     service, current = await services.launch(
-        s.nursery, "anchor", lambda status: services.anchor(s.reaper, procs, status)
+        s.nursery, "anchor", lambda status: services.anchor(s.reaper, join, status)
     )
     s.anchor = current
     s.services.append(service)
@@ -181,9 +177,9 @@ async def release_cgroups(s: Startup) -> None:
 
 async def move_to_float(s: Startup) -> None:
     assert s.cgroups is not None
-    cg, float_cg = s.pre.iso.cg, s.cgroups.float
+    float_cg = s.cgroups.float
     try:
-        cg.move_process(float_cg, os.getpid())
+        await s.pre.iso.source.enter_float(os.getpid())
     except CgroupError as e:
         raise StartupError(str(e)) from None
     now_in = kube.own_cgroup_path(None, Path("/proc/self/cgroup").read_text())
@@ -197,7 +193,7 @@ async def move_to_float(s: Startup) -> None:
 async def move_back(s: Startup) -> None:
     iso = s.pre.iso
     try:
-        iso.cg.move_process(iso.container, os.getpid())
+        await iso.source.leave_float(os.getpid())
     except CgroupError:
         if iso.cg.dir(iso.container).is_dir():
             raise
@@ -287,7 +283,7 @@ async def start_qemu(s: Startup) -> None:
         inherit.append(w.console_fd)
     # Isolated, QEMU starts in the container cgroup so that its (preallocated) RAM is charged
     # to the pod; it moves to float once QMP answers.
-    join = container_procs(s) if s.pre.isolation else None
+    join = s.pre.iso.source.join_container if s.pre.isolation else None
     try:
         await s.guest.spawn(s.reaper, s.nursery, w, inherit, join, s.opts.resume_early)
     finally:
@@ -321,10 +317,6 @@ async def pin(s: Startup) -> None:
     iso, guest = s.pre.iso, s.guest
     assert s.cgroups is not None
     qemu = guest.process
-    try:
-        iso.cg.move_process(s.cgroups.float, qemu.pid)  # its RAM is allocated by now
-    except CgroupError as e:
-        raise StartupError(await guest.failure(str(e))) from None
     found = await guest.execute("query-cpus-fast")
     try:
         placed = plan.match_vcpus(
@@ -337,9 +329,18 @@ async def pin(s: Startup) -> None:
     for p in placed:
         with contextlib.suppress(OSError):
             s.unpinned_ns[p.tid] = procfs.schedstat(qemu.pid, p.tid).run_ns
-        place_vcpu(iso.cg, s.cgroups.instance, qemu.pid, p)
+    anchor = s.anchor[0].pid if s.anchor else -1
+    try:
+        # QEMU to float (its RAM is allocated by now), then each vCPU to its CPU.
+        await iso.source.place(qemu.pid, placed, anchor)
+        for p in placed:  # read back here too, whoever made the writes
+            check_placed(s.cgroups.instance, qemu.pid, p)
+    except (CgroupError, PinError) as e:
+        raise StartupError(str(e)) from None
     s.placed = placed
     s.vcpu_tids = {p.vcpu: p.tid for p in placed}
+    if not iso.source.keeps:
+        return  # the controller keeps them
     s.keeper = Keeper(
         iso.cg,
         iso.container,

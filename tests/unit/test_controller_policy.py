@@ -9,6 +9,7 @@ import pytest
 from runner import cpus, kube, rpc
 from runner.controller import policy
 from runner.node.kubelet import Unknown
+from runner.plan import Placed
 
 UID = "0a1b2c3d-1111-2222-3333-444455556666"
 OTHER = "0a1b2c3d-1111-2222-3333-777777777777"
@@ -109,3 +110,54 @@ def test_a_node_without_the_static_policy_is_refused_by_name() -> None:
         verdict(cpuset="0-7", container="0-7", kubelet=none)
     assert e.value.code == rpc.FORBIDDEN
     assert "is 'none', not 'static'" in e.value.message
+
+
+# --- who may move threads for a pod: the PID namespace that registered it -----------------------
+
+NS, OTHER_NS, NODE_NS = 4026532001, 4026532002, 4026531836
+
+
+def tenant(uuid: str = UID, caller_ns: int | None = NS, hidden: bool = False) -> int:
+    return policy.check_tenant(uuid, caller_ns, {UID: NS, OTHER: NODE_NS}, NODE_NS, hidden)
+
+
+def test_the_registering_namespace_may_act_for_its_pod() -> None:
+    assert tenant() == NS
+
+
+@pytest.mark.parametrize(
+    ("kw", "code", "words"),
+    [
+        ({"caller_ns": OTHER_NS}, rpc.FORBIDDEN, "not of pod"),
+        ({"caller_ns": None}, rpc.FORBIDDEN, "cannot be known"),
+        ({"hidden": True}, rpc.FORBIDDEN, "cannot be known"),
+        ({"uuid": "0a1b2c3d-1111-2222-3333-888888888888"}, rpc.FORBIDDEN, "has not registered"),
+        ({"uuid": "../float"}, rpc.INVALID_PARAMS, "not a pod UID"),
+        # A hostPID pod registered from the node's namespace: anyone could pass for it.
+        ({"uuid": OTHER, "caller_ns": NODE_NS}, rpc.FORBIDDEN, "hostPID"),
+    ],
+)
+def test_anyone_else_is_refused(kw: dict[str, object], code: int, words: str) -> None:
+    with pytest.raises(rpc.RPCError) as e:
+        tenant(**kw)  # type: ignore[arg-type]
+    assert e.value.code == code
+    assert words in e.value.message
+
+
+def test_a_placement_stays_on_the_instance_cpus_one_vcpu_per_cpu() -> None:
+    own = frozenset({2, 3})
+    policy.check_placement([Placed(0, 10, 2), Placed(1, 11, 3, 5)], own)
+    bad = [
+        ([], rpc.INVALID_PARAMS),
+        ([Placed(0, 10, 4)], rpc.FORBIDDEN),  # another pod's CPU
+        ([Placed(0, 10, 2), Placed(1, 11, 2)], rpc.INVALID_PARAMS),  # one CPU twice
+        ([Placed(0, 10, 2), Placed(0, 11, 3)], rpc.INVALID_PARAMS),  # one vCPU twice
+        ([Placed(0, 0, 2)], rpc.INVALID_PARAMS),
+        ([Placed(0, -5, 2)], rpc.INVALID_PARAMS),
+        ([Placed(0, 10, 2, 100)], rpc.INVALID_PARAMS),
+        ([Placed(0, 10, 2, -1)], rpc.INVALID_PARAMS),
+    ]
+    for vcpus, code in bad:
+        with pytest.raises(rpc.RPCError) as e:
+            policy.check_placement(vcpus, own)
+        assert e.value.code == code, vcpus

@@ -18,8 +18,8 @@ from runner.node.cgroupfs import CgroupFS
 from runner.node.floatkeeper import FloatKeeper, FloatUnknown, float_target
 from runner.node.kubelet import Unknown, read_state
 from runner.node.layout import Instance, Layout, stale
+from runner.node.pinning import Keeper
 from runner.plan import Placed
-from runner.run.pinning import Keeper
 
 UID_A = "0a1b2c3d-1111-2222-3333-444455556666"
 UID_B = "0a1b2c3d-1111-2222-3333-777777777777"

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from runner import cpus, rpc
+from runner.plan import Placed
 
 UID = "0a1b2c3d-1111-2222-3333-444455556666"
 
@@ -49,6 +50,53 @@ def code_of(result: rpc.Request | rpc.Response | rpc.Notification) -> int | None
         ),
         (
             b'{"jsonrpc":"2.0","method":"deregisterCgroup","id":1,"params":{"uuid":"u","x":1}}',
+            rpc.INVALID_PARAMS,
+        ),
+        # The calls an unprivileged pod makes: the controller acts on the node for them, so
+        # nothing loose gets through: no other target cgroup, no strings for numbers.
+        (
+            b'{"jsonrpc":"2.0","method":"moveProcess","id":1,'
+            b'"params":{"uuid":"u","pid":3,"to":"instance"}}',
+            rpc.INVALID_PARAMS,
+        ),
+        (
+            b'{"jsonrpc":"2.0","method":"moveProcess","id":1,'
+            b'"params":{"uuid":"u","pid":3,"to":"/sys/fs/cgroup/kubepods"}}',
+            rpc.INVALID_PARAMS,
+        ),
+        (
+            b'{"jsonrpc":"2.0","method":"moveProcess","id":1,'
+            b'"params":{"uuid":"u","pid":"3","to":"float"}}',
+            rpc.INVALID_PARAMS,
+        ),
+        (
+            b'{"jsonrpc":"2.0","method":"moveProcess","id":1,'
+            b'"params":{"uuid":"u","pid":3.5,"to":"float"}}',
+            rpc.INVALID_PARAMS,
+        ),
+        (
+            b'{"jsonrpc":"2.0","method":"moveProcess","id":1,'
+            b'"params":{"uuid":"u","pid":true,"to":"float"}}',
+            rpc.INVALID_PARAMS,
+        ),
+        (
+            b'{"jsonrpc":"2.0","method":"moveProcess","id":1,'
+            b'"params":{"uuid":"u","pid":3,"to":"float","cgroup":"/"}}',
+            rpc.INVALID_PARAMS,
+        ),
+        (
+            b'{"jsonrpc":"2.0","method":"placeVcpus","id":1,'
+            b'"params":{"uuid":"u","qemu":3,"anchor":2,"vcpus":{"0":1}}}',
+            rpc.INVALID_PARAMS,
+        ),
+        (
+            b'{"jsonrpc":"2.0","method":"placeVcpus","id":1,"params":{"uuid":"u","qemu":3,'
+            b'"anchor":2,"vcpus":[{"vcpu":0,"tid":5,"cpu":1,"priority":"99"}]}}',
+            rpc.INVALID_PARAMS,
+        ),
+        (
+            b'{"jsonrpc":"2.0","method":"placeVcpus","id":1,"params":{"uuid":"u","qemu":3,'
+            b'"anchor":2,"vcpus":[{"vcpu":0,"tid":5,"cpu":1,"policy":"fifo"}]}}',
             rpc.INVALID_PARAMS,
         ),
     ],
@@ -92,6 +140,14 @@ def test_valid_requests() -> None:
     assert req == rpc.Request("registerCgroup", rpc.RegisterParams(UID, "1-2"), 7)
     assert decode({"jsonrpc": "2.0", "method": "health", "id": "h"}) == rpc.Request(
         "health", rpc.EmptyParams(), "h"
+    )
+    move = {"uuid": UID, "pid": 7, "to": "container"}
+    assert decode({"jsonrpc": "2.0", "method": "moveProcess", "id": 1, "params": move}) == (
+        rpc.Request("moveProcess", rpc.MoveParams(UID, 7, "container"), 1)
+    )
+    place = {"uuid": UID, "qemu": 9, "anchor": 2, "vcpus": [{"vcpu": 0, "tid": 11, "cpu": 3}]}
+    assert decode({"jsonrpc": "2.0", "method": "placeVcpus", "id": 2, "params": place}) == (
+        rpc.Request("placeVcpus", rpc.PlaceParams(UID, 9, 2, [Placed(0, 11, 3, 0)]), 2)
     )
 
 

@@ -351,6 +351,25 @@ class Daemon:
         return answer
 
 
+# A VM pod in controller mode is not privileged: the host's cgroupfs is read-only in it, and it
+# has the container runtime's default capabilities only (none of SYS_ADMIN, SYS_NICE).
+UNPRIVILEGED = ("--grace", "30", "--unprivileged")
+
+
+def capabilities(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(x for x in status.splitlines() if x.startswith("CapEff:")).split()[1], 16)
+
+
+def cgroupfs_read_only(pid: int) -> bool:
+    """Whether the cgroup2 mount that `pid` sees is read-only (mountinfo's options field)."""
+    for line in Path(f"/proc/{pid}/mountinfo").read_text().splitlines():
+        head, _, tail = line.partition(" - ")
+        if tail.startswith("cgroup2 "):
+            return "ro" in head.split()[5].split(",")
+    raise AssertionError(f"no cgroup2 mount in {pid}'s mount namespace")
+
+
 def start(node: Node, tmp: Path, daemon: Daemon, cpus: str, name: str) -> RunnerPod:
     work = tmp / name
     work.mkdir()
@@ -366,6 +385,7 @@ def start(node: Node, tmp: Path, daemon: Daemon, cpus: str, name: str) -> Runner
         "--controller-timeout",
         "20",
         spec=spec,
+        podsim=UNPRIVILEGED,
     )
 
 

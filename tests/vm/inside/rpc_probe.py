@@ -1,13 +1,19 @@
 """Runs as a pod's PID 1 (under podsim) and talks to the controller as that pod would:
 `probe` sends hostile requests and prints each answer; `bench` times registrations.
 
+`tenant` runs in an unprivileged pod, as a VM pod's QEMU would after an escape, and tries
+to reach another pod: each attempt's outcome is printed.
+
 Usage: rpc_probe.py probe SOCKET OTHER_POD_UID OTHER_POD_CPUS
        rpc_probe.py bench SOCKET ROUNDS CONCURRENCY
+       rpc_probe.py tenant SOCKET VICTIM_UID VICTIM_QEMU_PID VICTIM_VCPU_TID (node PIDs)
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import socket
 import statistics
 import sys
@@ -66,6 +72,63 @@ def probe(path: str, other_uid: str, other_cpus: str) -> None:
         print(json.dumps({"case": name, "answer": exchange(path, payload)}), flush=True)
 
 
+def tenant(path: str, victim: str, qemu: int, vcpu_tid: int) -> None:
+    me = own_pod()
+    mine = Path(f"/sys/fs/cgroup{me.path}/cpuset.cpus").read_text().strip()
+    cpu = int(mine.split(",")[0].split("-")[0])
+
+    def write(path: str, text: str) -> str:
+        try:
+            with open(path, "w") as f:
+                f.write(text)
+        except OSError as e:
+            return errno.errorcode[e.errno or 0]
+        return "written"
+
+    def affinity(tid: int) -> str:
+        try:
+            os.sched_setaffinity(tid, {cpu})
+        except OSError as e:
+            return errno.errorcode[e.errno or 0]
+        return "set"
+
+    def ask(method: str, params: dict) -> dict | None:
+        return exchange(path, request(method, params))
+
+    own = {"uuid": me.pod_uid}
+    results = {
+        # The host's cgroupfs: another pod's instance, float, kubepods.
+        "write the victim's instance cgroup": write(
+            f"/sys/fs/cgroup/instances/instance-{victim}/cgroup.threads", str(os.getpid())
+        ),
+        "write float's cpuset": write("/sys/fs/cgroup/instances/float/cpuset.cpus", mine),
+        "write the victim's vCPU into our container": write(
+            f"/sys/fs/cgroup{me.path}/cgroup.procs", str(vcpu_tid)
+        ),
+        "pin the victim's vCPU": affinity(vcpu_tid),
+        "own registration": ask("registerCgroup", {**own, "cpuset": mine}),
+        "register the victim's CPUs": ask("registerCgroup", {"uuid": victim, "cpuset": "1-2"}),
+        "move for the victim": ask("moveProcess", {"uuid": victim, "pid": 1, "to": "float"}),
+        "move the victim's QEMU": ask("moveProcess", {**own, "pid": qemu, "to": "float"}),
+        "move the victim's QEMU back": ask("moveProcess", {**own, "pid": qemu, "to": "container"}),
+        "place the victim's vCPU": ask(
+            "placeVcpus",
+            {**own, "qemu": 1, "anchor": 1, "vcpus": [{"vcpu": 0, "tid": vcpu_tid, "cpu": cpu}]},
+        ),
+        "place the victim's QEMU": ask(
+            "placeVcpus",
+            {**own, "qemu": qemu, "anchor": 1, "vcpus": [{"vcpu": 0, "tid": vcpu_tid, "cpu": cpu}]},
+        ),
+        "place on the victim's CPU": ask(
+            "placeVcpus",
+            {**own, "qemu": 1, "anchor": 1, "vcpus": [{"vcpu": 0, "tid": 1, "cpu": 1}]},
+        ),
+        "own deregistration": ask("deregisterCgroup", own),
+    }
+    for name, answer in results.items():
+        print(json.dumps({"case": name, "answer": answer}), flush=True)
+
+
 async def bench(path: str, rounds: int, concurrency: int) -> None:
     me = own_pod()
     cpuset = Path(f"/sys/fs/cgroup{me.path}/cpuset.cpus").read_text().strip()
@@ -116,5 +179,7 @@ async def bench(path: str, rounds: int, concurrency: int) -> None:
 if __name__ == "__main__":
     if sys.argv[1] == "probe":
         probe(sys.argv[2], sys.argv[3], sys.argv[4])
+    elif sys.argv[1] == "tenant":
+        tenant(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
     else:
         trio.run(bench, sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))

@@ -19,13 +19,21 @@ from .pods import (
     INSTANCES,
     PROBE,
     RUNNER,
+    UNPRIVILEGED,
     Daemon,
     assert_nothing_left,
+    assert_placed,
+    capabilities,
+    cgroupfs_read_only,
     container_of,
     cpu_list,
     float_cpus,
+    host_vcpus,
+    pod_process,
     start,
     start_runner,
+    task_cgroup,
+    vcpus_pinned,
 )
 from .rpc_probe import exchange
 
@@ -364,3 +372,128 @@ def test_kernel_threads_in_the_container_cgroup_go_to_float(
         (CG / home.lstrip("/") / "cgroup.procs").write_text(str(kthread))
     assert pod.pod.terminate() == 0
     assert_nothing_left(pod.pod.uid)
+
+
+CAP_SYS_ADMIN, CAP_SYS_NICE = 21, 23
+
+
+def test_an_unprivileged_pod_is_placed_and_kept_by_the_controller(
+    node: Node, tmp_path: Path, daemon: Daemon
+) -> None:
+    """The VM pod has a read-only cgroupfs and no SYS_ADMIN or SYS_NICE: every write that
+    needs the host is the controller's, and so is keeping the vCPUs placed."""
+    pod = start(node, tmp_path, daemon, "1-2", "u")
+    ready = pod.wait_ready()
+    runner = pod.runner_pid()
+    assert cgroupfs_read_only(runner)
+    assert not capabilities(runner) & (1 << CAP_SYS_ADMIN | 1 << CAP_SYS_NICE)
+    anchor = assert_placed(runner, pod.pod.uid, {1, 2}, {0, 1, 2, 3})
+    log = [json.loads(x) for x in daemon.log.read_text().splitlines() if x.startswith("{")]
+    moved = [(e["pid"], e["to"]) for e in log if e["event"] == "tenant-process-moved"]
+    assert moved[0] == (1, "float")  # the runner, PID 1 of its pod
+    assert moved[1][1] == "container"  # QEMU before it runs: its RAM is charged to the pod
+    placed = [e for e in log if e["event"] == "tenant-vcpus-placed"]
+    assert len(placed) == 1 and placed[0]["placement"] == {"0": 1, "1": 2}
+
+    # Kept by the controller: a vCPU moved off its CPU comes back; a process that joins the
+    # container cgroup (as kubectl exec does) goes to float.
+    vcpus = host_vcpus(pod, ready)
+    os.sched_setaffinity(vcpus[0]["tid"], {0, 1, 2, 3})
+    wait_for(lambda: vcpus_pinned(vcpus), timeout=10, what="the controller to repin the vCPU")
+    container = container_of(pod.pod.uid)
+    execd = subprocess.Popen(
+        [
+            "nsenter",
+            "--target",
+            str(runner),
+            "--pid",
+            "sh",
+            "-c",
+            f"echo $$ > {container}/cgroup.procs && exec sleep 300",
+        ],
+    )
+    try:
+        wait_for(
+            lambda: task_cgroup(execd.pid, execd.pid) == "/instances/float",
+            timeout=10,
+            what="the controller to move the exec'd process to float",
+        )
+        assert not os.sched_getaffinity(execd.pid) & {1, 2}
+    finally:
+        execd.kill()
+        execd.wait()
+    assert assert_placed(runner, pod.pod.uid, {1, 2}, {0, 1, 2, 3}) == anchor
+    assert pod.pod.terminate() == 0
+    assert_nothing_left(pod.pod.uid)
+    events = daemon.log.read_text()
+    assert '"event": "tenant-keeping-ended"' in events
+    assert '"event": "vcpu-repinned"' in events and '"event": "exec-moved-to-float"' in events
+
+
+@pytest.mark.fault
+def test_an_unprivileged_pod_cannot_reach_another(
+    node: Node, tmp_path: Path, daemon: Daemon, fault: Fault
+) -> None:
+    fault.declare(
+        "from inside an unprivileged pod: host cgroup writes, another pod's threads, CPUs, TIDs",
+        "every write fails (EROFS, ESRCH); every request is refused (-32001); the victim runs on",
+    )
+    victim = start(node, tmp_path, daemon, "1-2", "v")
+    ready = victim.wait_ready()
+    runner = victim.runner_pid()
+    vcpus = host_vcpus(victim, ready)
+    qemu = pod_process(victim, "qemu-system")
+    attacker = node.start(
+        "--cpus",
+        "3",
+        *UNPRIVILEGED,
+        cmd=[
+            sys.executable,
+            PROBE,
+            "tenant",
+            str(daemon.socket),
+            victim.pod.uid,
+            str(qemu),
+            str(vcpus[0]["tid"]),
+        ],
+    )
+    out, err = attacker.proc.communicate(timeout=90)
+    assert attacker.proc.returncode == 0, err
+    answers = {r["case"]: r["answer"] for r in map(json.loads, out.splitlines())}
+    for case in (
+        "write the victim's instance cgroup",
+        "write float's cpuset",
+        "write the victim's vCPU into our container",
+    ):
+        assert answers[case] == "EROFS", (case, answers[case])
+    assert answers["pin the victim's vCPU"] == "ESRCH"
+    assert answers["own registration"]["result"]["cgroup_path"].endswith(attacker.uid)
+    refused = [
+        "register the victim's CPUs",
+        "move for the victim",
+        "move the victim's QEMU",
+        "move the victim's QEMU back",
+        "place the victim's vCPU",
+        "place the victim's QEMU",
+        "place on the victim's CPU",
+    ]
+    for case in refused:
+        assert answers[case]["error"]["code"] == -32001, (case, answers[case])
+    assert answers["own deregistration"]["result"] == {"removed": True}
+    fault.saw(
+        "EROFS x3, ESRCH, -32001 x7: "
+        + "; ".join(answers[c]["error"]["message"][:50] for c in refused[1:3])
+    )
+    refusals = [
+        json.loads(x)["method"]
+        for x in daemon.log.read_text().splitlines()
+        if '"event": "request-refused"' in x
+    ]
+    assert refusals.count("moveProcess") == 3 and refusals.count("placeVcpus") == 3
+    assert "registerCgroup" in refusals
+    # The victim saw none of it.
+    assert assert_placed(runner, victim.pod.uid, {1, 2}, {0, 1, 2, 3})
+    assert vcpus_pinned(vcpus)
+    assert victim.pod.terminate() == 0
+    assert_nothing_left(victim.pod.uid)
+    assert_nothing_left(attacker.uid)

@@ -1,6 +1,8 @@
 """Placing vCPU threads and keeping them placed: each in the instance cgroup on its own CPU,
 and nothing else of the pod on the dedicated CPUs (processes exec'd into the container,
-probes, `kubectl exec`, land in the container cgroup and go to float)."""
+probes, `kubectl exec`, land in the container cgroup and go to float). The runner does it in
+embedded mode; the node controller does it for an unprivileged pod, with the same code on the
+node's PIDs."""
 
 from __future__ import annotations
 
@@ -15,9 +17,13 @@ import trio
 
 from runner import cpus
 from runner.log import log
+from runner.node import procfs
 from runner.node.cgroupfs import CgroupError, CgroupFS, thread_cgroup
 from runner.plan import Placed, in_place, sched_as_planned
-from runner.run.options import StartupError
+
+
+class PinError(Exception):
+    """A vCPU could not be placed, or did not stay placed; one line."""
 
 
 def place_vcpu(cg: CgroupFS, instance_cg: str, qemu_pid: int, p: Placed) -> None:
@@ -26,19 +32,33 @@ def place_vcpu(cg: CgroupFS, instance_cg: str, qemu_pid: int, p: Placed) -> None
         # Cgroup first, then affinity: on 6.1 a cpuset move resets the affinity.
         cg.move_thread(instance_cg, p.tid)
         os.sched_setaffinity(p.tid, {p.cpu})
+    except (CgroupError, OSError) as e:
+        raise PinError(f"cannot pin vCPU {p.vcpu} (thread {p.tid}) to CPU {p.cpu}: {e}") from None
+    check_placed(instance_cg, qemu_pid, p, sched=False)
+    if p.priority:
+        make_realtime(p)
+
+
+def check_placed(instance_cg: str, qemu_pid: int, p: Placed, sched: bool = True) -> None:
+    """The vCPU thread is in the instance cgroup, allowed on its CPU alone (and, `sched`,
+    SCHED_FIFO at its priority if realtime), as read from /proc now."""
+    try:
         in_cgroup = thread_cgroup(qemu_pid, p.tid)
         allowed = os.sched_getaffinity(p.tid)
+        policy = os.sched_getscheduler(p.tid) if p.priority and sched else 0
+        priority = os.sched_getparam(p.tid).sched_priority if p.priority and sched else 0
     except (CgroupError, OSError) as e:
-        raise StartupError(
-            f"cannot pin vCPU {p.vcpu} (thread {p.tid}) to CPU {p.cpu}: {e}"
-        ) from None
+        raise PinError(f"cannot read vCPU {p.vcpu} (thread {p.tid}) back: {e}") from None
     if not in_place(in_cgroup, allowed, instance_cg, p.cpu):
-        raise StartupError(
+        raise PinError(
             f"vCPU {p.vcpu} (thread {p.tid}) did not stay pinned: "
             f"cgroup {in_cgroup}, CPUs {cpus.format(allowed)}"
         )
-    if p.priority:
-        make_realtime(p)
+    if sched and p.priority and not sched_as_planned(p, policy, priority):
+        raise PinError(
+            f"vCPU {p.vcpu} (thread {p.tid}) did not stay SCHED_FIFO {p.priority}: "
+            f"policy {policy}, priority {priority}"
+        )
 
 
 def make_realtime(p: Placed) -> None:
@@ -56,11 +76,11 @@ def make_realtime(p: Placed) -> None:
                 "cgroup v2 cannot grant it (cgroup-v2.rst: the cpu controller can only be "
                 "enabled when all RT processes are in the root cgroup)"
             )
-        raise StartupError(
+        raise PinError(
             f"cannot make vCPU {p.vcpu} (thread {p.tid}) SCHED_FIFO {p.priority}: {why}"
         ) from None
     if not sched_as_planned(p, policy, priority):
-        raise StartupError(
+        raise PinError(
             f"vCPU {p.vcpu} (thread {p.tid}) did not stay SCHED_FIFO {p.priority}: "
             f"policy {policy}, priority {priority}"
         )
@@ -147,7 +167,7 @@ class Keeper:
             )
             try:
                 place_vcpu(self.cg, self.instance_cg, self.qemu_pid, p)
-            except StartupError as e:
+            except PinError as e:
                 log.error("vcpu-repin-failed", vcpu=p.vcpu, tid=p.tid, error=str(e))
             else:
                 self.repins += 1
@@ -188,6 +208,8 @@ class Keeper:
             if pid == anchor or pid <= 0:  # 0: outside our pid namespace, not the pod's
                 continue
             try:
+                if procfs.stat(pid).kernel:
+                    continue  # KVM's workers: the controller's kernel-thread sweep moves them
                 comm = Path(f"/proc/{pid}/comm").read_text().strip()
                 move_to_float(self.cg, self.float_cg, float_cpus, pid)
             except (CgroupError, OSError) as e:

@@ -1,0 +1,284 @@
+"""The writes an unprivileged VM pod cannot make, made for it: its processes moved between its
+container cgroup and float, its vCPU threads placed, and kept placed while QEMU lives.
+
+A pod names processes and threads as it sees them, in its own PID namespace. Each is looked up
+among that pod's processes alone (same PID namespace, in its container cgroup or in float), and
+every write is bracketed: a pidfd is opened before the identity is checked, and the process
+must still be alive after the write. A live process keeps its PID, so the write reached the
+process that was checked. A thread must still be there with the same start time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import select
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import attrs
+import trio
+
+from runner import cpus, kube, rpc
+from runner.log import log
+from runner.node import procfs
+from runner.node.cgroupfs import CgroupError, CgroupFS
+from runner.node.layout import Instance, Layout
+from runner.node.pinning import Keeper, PinError, move_to_float, place_vcpu
+from runner.plan import Placed
+from runner.run.metrics import Kept
+
+
+@attrs.define
+class Tenant:
+    """A registered pod: its container cgroup and its PID namespace, and once its vCPUs are
+    placed, the keeper that holds them so."""
+
+    uuid: str
+    container: str
+    ns: int
+    keeper: Keeper | None = None
+    scope: trio.CancelScope | None = None
+
+    def stop_keeping(self) -> None:
+        if self.scope is not None:
+            self.scope.cancel()
+        self.keeper, self.scope = None, None
+
+
+def ns_pid(path: str) -> int | None:
+    """The innermost PID in a /proc/<pid> or /proc/<pid>/task/<tid> status (NSpid)."""
+    try:
+        status = procfs.parse_status(Path(path, "status").read_text())
+    except OSError:
+        return None
+    ids = status.get("NSpid", "").split()
+    return int(ids[-1]) if ids else None
+
+
+def in_namespace(pid: int, ns: int) -> bool:
+    try:
+        return procfs.pid_namespace(pid) == ns
+    except OSError:
+        return False
+
+
+def find_process(ns: int, pid: int, candidates: Iterable[int]) -> int | None:
+    """The node's PID of the process that the pod sees as `pid`, among `candidates`."""
+    for host in candidates:
+        if in_namespace(host, ns) and ns_pid(f"/proc/{host}") == pid:
+            return host
+    return None
+
+
+def find_thread(host_pid: int, tid: int) -> int | None:
+    for host_tid in procfs.threads(host_pid):
+        if ns_pid(f"/proc/{host_pid}/task/{host_tid}") == tid:
+            return host_tid
+    return None
+
+
+def float_processes(cg: CgroupFS, float_cg: str) -> set[int]:
+    """float is threaded: its cgroup.procs cannot be read, its threads name their processes."""
+    found = set()
+    for tid in cg.threads(float_cg):
+        with contextlib.suppress(OSError, KeyError, ValueError):
+            found.add(procfs.tgid(tid))
+    return found
+
+
+def _pod_uid(cgroup: str) -> str | None:
+    try:
+        return kube.parse_pod_cgroup(cgroup).pod_uid
+    except ValueError:
+        return None
+
+
+def _placed(qemu: int, tid: int) -> Placed:
+    """A vCPU thread as it runs now: its index from its name (QEMU's "CPU <n>/KVM"), its one
+    CPU, its FIFO priority if it has one."""
+    st = procfs.stat(qemu, tid)
+    match = re.match(r"CPU (\d+)/", st.comm)
+    allowed = os.sched_getaffinity(tid)
+    if match is None or len(allowed) != 1:
+        raise ValueError(f"thread {tid} ({st.comm}) is not a placed vCPU")
+    priority = st.rt_priority if st.policy == "fifo" else 0
+    return Placed(int(match.group(1)), tid, min(allowed), priority)
+
+
+def _exited(pidfd: int) -> bool:
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    return bool(poller.poll(0))
+
+
+def _thread_start(host_pid: int, tid: int) -> int | None:
+    try:
+        text = Path(f"/proc/{host_pid}/task/{tid}/stat").read_text()
+    except OSError:
+        return None
+    return int(text.rsplit(")", 1)[1].split()[19])
+
+
+def refuse(message: str) -> rpc.RPCError:
+    return rpc.RPCError(rpc.FORBIDDEN, message)
+
+
+class Tenants:
+    """Every write an unprivileged pod asks for."""
+
+    def __init__(self, cg: CgroupFS, layout: Layout) -> None:
+        self.cg = cg
+        self.layout = layout
+        self.by_uuid: dict[str, Tenant] = {}
+        self.moved = 0  # processes moved for pods
+        self.placed = 0  # vCPU threads placed for pods
+
+    def kept(self) -> list[Kept]:
+        """What each pod's keeper did, for /metrics."""
+        return [
+            ([uuid], k.drifts, k.repins, k.moved_to_float, k.evicted)
+            for uuid, t in sorted(self.by_uuid.items())
+            if (k := t.keeper) is not None
+        ]
+
+    def resolve(self, t: Tenant, pid: int, where: str) -> int:
+        candidates = (
+            self.cg.procs(t.container)
+            if where == "container"
+            else float_processes(self.cg, self.layout.float)
+        )
+        host = find_process(t.ns, pid, candidates)
+        if host is None:
+            raise refuse(f"pid {pid} is no process of pod {t.uuid} in its {where} cgroup")
+        return host
+
+    def move(self, t: Tenant, pid: int, to: str) -> None:
+        """One whole process of the pod between its container cgroup and float."""
+        source = "float" if to == "container" else "container"
+        host = self.resolve(t, pid, source)
+        pidfd = os.pidfd_open(host)
+        try:
+            if not in_namespace(host, t.ns) or ns_pid(f"/proc/{host}") != pid:
+                raise refuse(f"pid {pid} of pod {t.uuid} went away")
+            try:
+                if to == "float":
+                    float_cpus = self.cg.cpus(self.layout.float)
+                    move_to_float(self.cg, self.layout.float, float_cpus, host)
+                else:
+                    self.cg.move_process(t.container, host)
+            except CgroupError as e:
+                raise rpc.RPCError(rpc.INTERNAL_ERROR, str(e)) from None
+            if _exited(pidfd):
+                log.error("tenant-move-raced", uuid=t.uuid, pid=pid, host_pid=host, to=to)
+                raise refuse(f"pid {pid} of pod {t.uuid} exited during the move")
+        finally:
+            os.close(pidfd)
+        self.moved += 1
+        if to == "container" and t.keeper is not None:
+            t.keeper.anchor_pid = lambda: host  # a new anchor: the only one let stay
+        log.info("tenant-process-moved", uuid=t.uuid, pid=pid, host_pid=host, to=to)
+
+    def place(self, t: Tenant, p: rpc.PlaceParams, instance: str) -> tuple[Keeper, int]:
+        """QEMU to float, each vCPU thread into the instance cgroup on its CPU (and FIFO),
+        read back; the keeper that holds them so, and QEMU's pidfd (its end ends the keeping)."""
+        qemu = self.resolve_anywhere(t, p.qemu)
+        anchor = self.resolve(t, p.anchor, "container")
+        pidfd = os.pidfd_open(qemu)
+        try:
+            placed = []
+            for v in p.vcpus:
+                tid = find_thread(qemu, v.tid)
+                if tid is None:
+                    raise refuse(f"thread {v.tid} is no thread of pod {t.uuid}'s process {p.qemu}")
+                placed.append(Placed(v.vcpu, tid, v.cpu, v.priority))
+            starts = {q.tid: _thread_start(qemu, q.tid) for q in placed}
+            float_cpus = self.cg.cpus(self.layout.float)
+            move_to_float(self.cg, self.layout.float, float_cpus, qemu)
+            for q in placed:
+                place_vcpu(self.cg, instance, qemu, q)
+            if _exited(pidfd) or any(_thread_start(qemu, q.tid) != starts[q.tid] for q in placed):
+                log.error("tenant-place-raced", uuid=t.uuid, qemu=p.qemu, host_pid=qemu)
+                raise refuse(f"process {p.qemu} of pod {t.uuid} or a vCPU thread exited")
+        except (PinError, CgroupError) as e:
+            os.close(pidfd)
+            raise rpc.RPCError(rpc.INTERNAL_ERROR, str(e)) from None
+        except BaseException:
+            os.close(pidfd)
+            raise
+        self.placed += len(placed)
+        keeper = Keeper(
+            self.cg, t.container, instance, self.layout.float, qemu, placed, lambda: anchor
+        )
+        log.info(
+            "tenant-vcpus-placed",
+            uuid=t.uuid,
+            qemu=p.qemu,
+            host_pid=qemu,
+            placement={q.vcpu: q.cpu for q in placed},
+            cpus=cpus.format({q.cpu for q in placed}),
+        )
+        return keeper, pidfd
+
+    def adopt(self, instances: Mapping[str, Instance]) -> list[tuple[Tenant, Keeper, int]]:
+        """After a restart: each instance with vCPU threads becomes a tenant again, found from
+        the threads themselves (their process's PID namespace, the process of that namespace
+        still in the pod's container cgroup: the anchor), with the keepers to start."""
+        found = []
+        for uuid, inst in sorted(instances.items()):
+            if uuid in self.by_uuid or not inst.threads:
+                continue
+            try:
+                found.append(self._adopt(uuid, inst))
+            except (OSError, CgroupError, LookupError, ValueError) as e:
+                log.warning("tenant-not-adopted", uuid=uuid, error=f"{type(e).__name__}: {e}")
+        return found
+
+    def _adopt(self, uuid: str, inst: Instance) -> tuple[Tenant, Keeper, int]:
+        tids = self.cg.threads(inst.path)
+        qemu = procfs.tgid(tids[0])
+        ns = procfs.pid_namespace(qemu)
+        pidfd = os.pidfd_open(qemu)
+        try:
+            anchor, container = next(
+                (pid, cg)
+                for pid in procfs.processes()
+                if in_namespace(pid, ns)
+                and (cg := procfs.cgroup_of(Path(f"/proc/{pid}/cgroup").read_text()))
+                and _pod_uid(cg) == uuid
+            )
+            placed = [_placed(qemu, tid) for tid in tids]
+        except BaseException:
+            os.close(pidfd)
+            raise
+        t = Tenant(uuid, container, ns)
+        self.by_uuid[uuid] = t
+        keeper = Keeper(
+            self.cg, container, inst.path, self.layout.float, qemu, placed, lambda: anchor
+        )
+        t.keeper = keeper
+        log.info("tenant-adopted", uuid=uuid, host_pid=qemu, vcpus=len(placed), container=container)
+        return t, keeper, pidfd
+
+    def resolve_anywhere(self, t: Tenant, pid: int) -> int:
+        try:
+            return self.resolve(t, pid, "container")
+        except rpc.RPCError:
+            return self.resolve(t, pid, "float")
+
+
+async def keep(t: Tenant, keeper: Keeper, pidfd: int, interval: float) -> None:
+    """The pod's keeper, until QEMU exits (its pidfd turns readable) or the pod deregisters."""
+    with trio.CancelScope() as scope:
+        t.keeper, t.scope = keeper, scope
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(keeper.keep, interval)
+                await trio.lowlevel.wait_readable(pidfd)
+                nursery.cancel_scope.cancel()
+        finally:
+            os.close(pidfd)
+    if t.scope is scope:
+        t.keeper, t.scope = None, None
+    log.info("tenant-keeping-ended", uuid=t.uuid)
