@@ -362,12 +362,16 @@ def capabilities(pid: int) -> int:
 
 
 def cgroupfs_read_only(pid: int) -> bool:
-    """Whether the cgroup2 mount that `pid` sees is read-only (mountinfo's options field)."""
+    """Whether the cgroup2 mount that `pid` sees at /sys/fs/cgroup is read-only (mountinfo's
+    options field; the last mount on a mount point is the one seen)."""
+    seen = None
     for line in Path(f"/proc/{pid}/mountinfo").read_text().splitlines():
         head, _, tail = line.partition(" - ")
-        if tail.startswith("cgroup2 "):
-            return "ro" in head.split()[5].split(",")
-    raise AssertionError(f"no cgroup2 mount in {pid}'s mount namespace")
+        fields = head.split()
+        if tail.startswith("cgroup2 ") and fields[4] == str(CG):
+            seen = "ro" in fields[5].split(",")
+    assert seen is not None, f"no cgroup2 mount in {pid}'s mount namespace"
+    return seen
 
 
 def start(node: Node, tmp: Path, daemon: Daemon, cpus: str, name: str) -> RunnerPod:

@@ -413,12 +413,15 @@ def test_an_unprivileged_pod_is_placed_and_kept_by_the_controller(
         ],
     )
     try:
+        # nsenter forks into the pod's PID namespace: its child is the exec'd process.
+        children = Path(f"/proc/{execd.pid}/task/{execd.pid}/children")
+        (child,) = wait_for(lambda: children.read_text().split(), what="nsenter's child")
         wait_for(
-            lambda: task_cgroup(execd.pid, execd.pid) == "/instances/float",
+            lambda: task_cgroup(int(child), int(child)) == "/instances/float",
             timeout=10,
             what="the controller to move the exec'd process to float",
         )
-        assert not os.sched_getaffinity(execd.pid) & {1, 2}
+        assert not os.sched_getaffinity(int(child)) & {1, 2}
     finally:
         execd.kill()
         execd.wait()

@@ -22,6 +22,7 @@ from .conftest import Fault, Node, wait_for
 from .pods import (
     FLOAT,
     INSTANCES,
+    UNPRIVILEGED,
     Daemon,
     RunnerPod,
     comm,
@@ -209,6 +210,7 @@ def test_controller_accepts_the_vm_container_beside_others(
         "--controller-timeout",
         "20",
         uid=uid,
+        podsim=UNPRIVILEGED,
     )
     ready = rp.wait_ready()
     entries = node.state()["entries"][uid]
@@ -273,6 +275,7 @@ def test_connection_reset_is_retried_like_an_absent_controller(
         str(dropping_socket),
         "--controller-timeout",
         "3",
+        podsim=UNPRIVILEGED,
     )
     code, err = rp.finish()
     fault.saw(f"exit {code}")
