@@ -175,6 +175,14 @@ def cli() -> None:
     "makes them itself).",
 )
 @seconds("controller-timeout", 30.0, "How long to keep retrying the controller.")
+@option(
+    "--pod-uid",
+    env="POD_UID",
+    metavar="UID",
+    help="The pod's UID (the Downward API's metadata.uid). Needed in controller mode when "
+    "the container has a private cgroup namespace (it is not privileged): its cgroup path "
+    "then does not name the pod.",
+)
 @seconds(
     "verify-interval",
     1.0,

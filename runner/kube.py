@@ -6,6 +6,7 @@ Pure functions only; the callers read the files.
 from __future__ import annotations
 
 import json
+import posixpath
 import re
 from typing import Literal
 
@@ -14,7 +15,7 @@ import attrs
 from runner import cpus
 from runner.cpus import CpuSet
 
-Driver = Literal["systemd", "cgroupfs"]
+Driver = Literal["systemd", "cgroupfs", "unknown"]  # unknown: hidden by a cgroup namespace
 QoS = Literal["guaranteed", "burstable", "besteffort"]
 
 _UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
@@ -110,6 +111,24 @@ def own_cgroup_path(proc_cpuset: str | None, proc_cgroup: str | None) -> str:
         if line.startswith("0::"):
             return line[3:].strip() or "/"
     raise KubeError("no cgroup v2 path in /proc/self/cpuset or /proc/self/cgroup (cgroup v1 host?)")
+
+
+def in_namespace(pod_uid: str, container_cpus_path: str = "/") -> PodCgroup:
+    """The container as it sees itself in a private cgroup namespace (an unprivileged
+    container): its cgroup is "/", and the pod is known by the UID it is told."""
+    uid = normalise_uid(pod_uid)
+    if uid is None:
+        raise KubeError(f"--pod-uid {pod_uid!r} is not a pod UID")
+    return PodCgroup(container_cpus_path, uid, "", "unknown", "", "guaranteed")
+
+
+def view(path: str, ns_root: str) -> str:
+    """A cgroup path as a process in a cgroup namespace rooted at `ns_root` sees it in
+    /proc/<pid>/cgroup: relative to the root, with ".." above it."""
+    if ns_root == "/":
+        return path
+    rel = posixpath.relpath(path, ns_root)
+    return "/" if rel == "." else "/" + rel
 
 
 @attrs.frozen

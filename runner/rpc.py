@@ -44,6 +44,10 @@ class RegisterParams:
 class RegisterResult:
     cgroup_path: str
     float_path: str
+    # The caller's container cgroup and float's CPUs: a caller in a private cgroup namespace
+    # can see neither.
+    container_path: str = ""
+    float_cpus: str = ""
 
 
 @attrs.frozen

@@ -133,7 +133,7 @@ class Service:
         async with self.lock:
             live = {u: i.cpus for u, i in self.layout.instances().items()}
             if policy.may_take(p.uuid, wanted, live):
-                return rpc.RegisterResult(path, self.layout.float)
+                return self._registered(peer, path)
             have = self.layout.float_cpus()
             if have is None:
                 raise rpc.RPCError(
@@ -158,7 +158,16 @@ class Service:
                 self.tenants.by_uuid[p.uuid] = Tenant(p.uuid, peer.pod.path, peer.pidns or 0)
         log.info("instance-registered", uuid=p.uuid, cpuset=cpus.format(wanted), cgroup=path)
         self.keeper.poke()
-        return rpc.RegisterResult(path, self.layout.float)
+        return self._registered(peer, path)
+
+    def _registered(self, peer: Peer, path: str) -> rpc.RegisterResult:
+        have = self.layout.float_cpus()
+        return rpc.RegisterResult(
+            path,
+            self.layout.float,
+            peer.pod.path if peer.pod is not None else "",
+            cpus.format(have) if have is not None else "",
+        )
 
     async def deregister(self, peer: Peer, p: rpc.DeregisterParams) -> rpc.DeregisterResult:
         policy.check_caller(peer.pod, p.uuid, peer.hidden)

@@ -198,11 +198,7 @@ class FromController:
                     )
                     self.asked = True
                     log.info("registered", controller=self.socket, attempts=attempt)
-                    try:
-                        float_cpus = self.cg.cpus(res.float_path, effective=False)
-                    except CgroupError as e:
-                        raise StartupError(str(e)) from None
-                    return Cgroups(res.float_path, res.cgroup_path, float_cpus)
+                    return self._cgroups(res)
                 except rpc.RPCError as e:
                     self.asked = True
                     if e.code in self.FINAL:
@@ -219,6 +215,22 @@ class FromController:
                 delay = min(delay * 2, 2.0)
         raise StartupError(
             f"no answer from the controller at {self.socket} within {self.timeout:g} s: {last}"
+        )
+
+    def _cgroups(self, res: rpc.RegisterResult) -> Cgroups:
+        """The paths as we see them: in a private cgroup namespace (our container cgroup is
+        "/"), relative to the container cgroup the controller names, with ".." above it."""
+        root = res.container_path if self.container == "/" else "/"
+        try:
+            float_cpus = (
+                cpus.parse(res.float_cpus)
+                if res.float_cpus
+                else self.cg.cpus(res.float_path, effective=False)
+            )
+        except (CgroupError, cpus.CpuListError) as e:
+            raise StartupError(f"float's CPUs: {e}") from None
+        return Cgroups(
+            kube.view(res.float_path, root), kube.view(res.cgroup_path, root), float_cpus
         )
 
     async def maintain(self) -> None:

@@ -29,6 +29,7 @@ class Options:
     dnsmasq: str = "dnsmasq"
     virtiofsd: str | None = None  # None: the Rust daemon if installed, else QEMU's C one
     controller_socket: str | None = None  # None: embedded mode, the runner makes its cgroups
+    pod_uid: str | None = None  # told (Downward API): needed in a private cgroup namespace
     controller_timeout: float = 30.0
     # isolated: the instance CPUs become an isolated cpuset partition (embedded mode; in
     # controller mode the controller decides)

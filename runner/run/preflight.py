@@ -176,7 +176,7 @@ def isolate(o: Options, the_spec: spec.InstanceSpec, host: topology.Host) -> Iso
         own = kube.own_cgroup_path(
             _read_optional("/proc/self/cpuset"), _read_optional("/proc/self/cgroup")
         )
-        pod = kube.parse_pod_cgroup(own)
+        pod = own_pod(own, o)
         container_cpus = cg.cpus(own)
         source = make_source(
             cg, root, o.kubelet_dir, pod, o.controller_socket, o.controller_timeout, o.partition
@@ -192,6 +192,27 @@ def isolate(o: Options, the_spec: spec.InstanceSpec, host: topology.Host) -> Iso
     except (kube.KubeError, plan.PlanError, CgroupError) as e:
         raise StartupError(str(e)) from None
     return Isolation(cg, own, pod, the_plan, source)
+
+
+def own_pod(own: str, o: Options) -> kube.PodCgroup:
+    """The pod, from the container's cgroup path; in a private cgroup namespace (a container
+    that is not privileged) the path is "/" and says nothing: the pod is the one it is told
+    (--pod-uid), and only the controller, which sees the node, can act for it."""
+    if own != "/":
+        return kube.parse_pod_cgroup(own)
+    if not o.controller_socket:
+        raise StartupError(
+            "the container has a private cgroup namespace (it is not privileged): the node's "
+            "cgroups are out of reach, so run it with --controller-socket (the controller "
+            "makes the writes), or privileged for embedded mode"
+        )
+    if not o.pod_uid:
+        raise StartupError(
+            "the container has a private cgroup namespace, so its cgroup does not name its "
+            "pod: give --pod-uid (env INSTANCE_RUNNER_POD_UID, from the Downward API's "
+            "metadata.uid)"
+        )
+    return kube.in_namespace(o.pod_uid)
 
 
 def check_realtime(isolated: bool) -> None:

@@ -170,3 +170,22 @@ def test_the_root_weighs_what_its_vm_pods_would_and_never_less_than_the_default(
     assert layout.root_weight(frozenset({1, 2})) == 100  # kubelet's 79
     assert layout.root_weight(frozenset(range(1, 8))) == kube.cpu_weight(7000) == 274
     assert layout.root_weight(frozenset(range(64))) == 2500
+
+
+def test_paths_as_a_private_cgroup_namespace_sees_them() -> None:
+    root = "/kubepods/pod0a1b2c3d-1111-2222-3333-444455556666/" + "c" * 64
+    assert kube.view("/instances/float", root) == "/../../../instances/float"
+    assert kube.view(root, root) == "/"
+    assert kube.view(root + "/sub", root) == "/sub"
+    assert kube.view("/instances/float", "/") == "/instances/float"
+
+
+def test_a_pod_known_by_the_uid_it_is_told() -> None:
+    pod = kube.in_namespace("0A1B2C3D-1111-2222-3333-444455556666".lower())
+    assert (pod.path, pod.pod_uid, pod.driver) == (
+        "/",
+        "0a1b2c3d-1111-2222-3333-444455556666",
+        "unknown",
+    )
+    with pytest.raises(kube.KubeError):
+        kube.in_namespace("../float")

@@ -19,7 +19,16 @@ from pathlib import Path
 import pytest
 
 from .conftest import REPO, Node, Pod, kube_cgroups, uid_forms, wait_for
-from .pods import FLOAT, INSTANCES, assert_placed, container_of, cpu_list, float_cpus
+from .pods import (
+    FLOAT,
+    INSTANCES,
+    assert_placed,
+    capabilities,
+    cgroupfs_read_only,
+    container_of,
+    cpu_list,
+    float_cpus,
+)
 from .rpc_probe import exchange
 
 ARCHIVE = REPO / ".cache" / "image" / "instance-runner.oci.tar"
@@ -121,7 +130,9 @@ class Cluster:
         )
         assert self.controller.proc.poll() is None, self.controller.proc.communicate()
 
-    def start_vm_pod(self, cpus: str, socket_as_file: bool = False) -> VMPod:
+    def start_vm_pod(
+        self, cpus: str, socket_as_file: bool = False, privileged: bool = True
+    ) -> VMPod:
         uid = str(uuid.uuid4())
         work = self.tmp / uid
         (work / "spec").mkdir(parents=True)
@@ -129,10 +140,17 @@ class Cluster:
         spec = {"name": "vm", "vcpus": len(cpu_list(cpus)), "memory_mib": 64, "accel": "tcg"}
         (work / "spec" / "spec.json").write_text(json.dumps(spec))
         name = f"vm-{uid[:8]}"
+        # Privileged: the host's cgroup namespace. Not privileged (controller mode): a private
+        # one, the cgroupfs read-only, podman's default capabilities; the pod is named by the
+        # Downward API's metadata.uid, as the manifest does.
+        security = (
+            ["--privileged", "--cgroupns=host"]
+            if privileged
+            else ["--cgroupns=private", f"--env=INSTANCE_RUNNER_POD_UID={uid}"]
+        )
         argv = self.podman.run_argv(
             name,
-            "--privileged",
-            "--cgroupns=host",
+            *security,
             "--pid=private",
             "--network=none",
             f"--volume={work / 'spec'}:/etc/instance-runner:ro",
@@ -231,6 +249,27 @@ def test_vm_pod_is_pinned_and_stops_clean_with_podman_stop(cluster: Cluster) -> 
     cluster.podman("rm", vm.name)
     assert not Path(f"/proc/{runner}").exists()
     assert not vm.ready_file.exists()
+    assert nothing_left(vm.pod.uid, cluster.sockets) == []
+    wait_for(lambda: float_cpus() == ONLINE, what="float to get the pod's CPUs back")
+
+
+def test_unprivileged_vm_pod_is_placed_by_the_controller(cluster: Cluster) -> None:
+    """podman without --privileged: a private cgroup namespace, the cgroupfs read-only, the
+    default capabilities. The controller makes every write; the invariants hold from outside."""
+    vm = cluster.start_vm_pod("1-2", privileged=False)
+    ready = vm.wait_ready()
+    runner = vm.pid1()
+    assert cgroupfs_read_only(runner)
+    assert not capabilities(runner) & (1 << 21 | 1 << 23)  # SYS_ADMIN, SYS_NICE
+    seen = Path(f"/proc/{runner}/cgroup").read_text().strip()  # float, from its namespace
+    assert seen.startswith("0::/../") and seen.endswith("/instances/float"), seen
+    assert_placed(runner, vm.pod.uid, vm.cpus, ONLINE)
+    assert {v["cpu"] for v in ready["vcpus"]} == vm.cpus
+
+    cluster.podman("stop", "--time", "30", vm.name, timeout=60)
+    assert vm.pod.proc.wait(timeout=60) == 0, vm.pod.proc.communicate()
+    assert vm.exit_code() == 0
+    cluster.podman("rm", vm.name)
     assert nothing_left(vm.pod.uid, cluster.sockets) == []
     wait_for(lambda: float_cpus() == ONLINE, what="float to get the pod's CPUs back")
 
