@@ -122,7 +122,7 @@ def test_controller_has_what_it_needs() -> None:
     )
     assert c["securityContext"]["privileged"] is True
     assert c["resources"]["requests"]["cpu"] and c["resources"]["requests"]["memory"]
-    env = {e["name"]: e["value"] for e in c["env"]}
+    env = {e["name"]: e.get("value") for e in c["env"]}
     template = resource("DaemonSet", "instance-runner-controller")["spec"]["template"]
     assert_http_probes(template["metadata"], c, "INSTANCE_RUNNER_HEALTH_ADDRESS")
     mounts = {m["name"]: m for m in c["volumeMounts"]}
@@ -141,13 +141,27 @@ def assert_http_probes(meta: dict, c: dict, address_env: str) -> None:
     scraped there: an exec probe would run a process inside the container."""
     for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
         assert "exec" not in c.get(probe, {}), "an exec probe runs inside the container"
-    env = {e["name"]: e["value"] for e in c["env"]}
+    env = {e["name"]: e.get("value") for e in c["env"]}
     _host, port = httpd.parse_address(env[address_env])
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
     for probe, path in (("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")):
         get = c[probe]["httpGet"]
         assert get["path"] == path and ports.get(get["port"], get["port"]) == port
     assert meta["annotations"]["prometheus.io/port"] == str(port)
+
+
+def test_example_vm_pod_is_not_privileged() -> None:
+    """In controller mode the controller makes every write that needs the host."""
+    pod, c = container("Pod", "example-vm")
+    sc = c["securityContext"]
+    assert sc["privileged"] is False and sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"]["add"] == ["NET_ADMIN"]
+    assert not pod.get("hostPID") and not pod.get("hostNetwork")
+    assert all("hostPath" not in v or v["hostPath"]["type"] == "Directory" for v in pod["volumes"])
+    assert not any(m["mountPath"].startswith(("/sys", "/dev")) for m in c["volumeMounts"])
+    env = {e["name"]: e for e in c["env"]}
+    assert "INSTANCE_RUNNER_CONTROLLER_SOCKET" in env
+    assert env["INSTANCE_RUNNER_POD_UID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.uid"
 
 
 def test_example_vm_pod_probes_and_is_scraped_over_http() -> None:
@@ -166,7 +180,7 @@ def test_example_vm_pod_is_guaranteed_and_sized_for_its_guest() -> None:
     res = c["resources"]
     assert res["requests"] == res["limits"], "Guaranteed QoS: requests equal limits"
     assert str(res["limits"]["cpu"]).isdigit(), "integer CPUs: kubelet's static policy"
-    env = {e["name"]: e["value"] for e in c["env"]}
+    env = {e["name"]: e.get("value") for e in c["env"]}
     config = resource("ConfigMap", "example-vm-spec")
     mount = next(
         m for m in c["volumeMounts"] if env["INSTANCE_RUNNER_SPEC"].startswith(m["mountPath"])
@@ -178,8 +192,8 @@ def test_example_vm_pod_is_guaranteed_and_sized_for_its_guest() -> None:
     assert quantity_mib(res["limits"]["memory"]) >= spec.memory_mib + 256
     shutdown = float(env.get("INSTANCE_RUNNER_SHUTDOWN_TIMEOUT", "20"))
     assert pod["terminationGracePeriodSeconds"] > shutdown + 4
-    paths = {v.get("hostPath", {}).get("path") for v in pod["volumes"]}
-    assert "/dev/kvm" in paths
+    if spec.accel == "kvm":  # /dev/kvm as a device, from a device plugin
+        assert res["limits"]["devices.kubevirt.io/kvm"] == "1"
     # The controller's socket: the same host directory as the DaemonSet's, mounted whole.
     _, ctl = container("DaemonSet", "instance-runner-controller")
     ctl_env = {e["name"]: e["value"] for e in ctl["env"]}
