@@ -269,10 +269,27 @@ def check_guest_resources(the_spec: spec.InstanceSpec, inherited: frozenset[int]
     for share in the_spec.shares:
         if not Path(share.source).is_dir():
             raise StartupError(f"share {share.tag}: {share.source} is not a directory")
+    if the_spec.shares and not has_capability(CAP_SYS_ADMIN):
+        raise StartupError(
+            f"share {the_spec.shares[0].tag}: virtiofsd sandboxes itself in namespaces of its "
+            "own, which needs CAP_SYS_ADMIN, and this container lacks it (a VM pod that is not "
+            "privileged cannot serve shares yet)"
+        )
     boot = the_spec.kernel_boot
     for path in (boot.kernel, boot.initrd) if boot else ():
         if path is not None and not Path(path).is_file():
             raise StartupError(f"boot: {path} does not exist")
+
+
+CAP_SYS_ADMIN = 21
+
+
+def has_capability(cap: int) -> bool:
+    """Whether this process has `cap` in its effective set (/proc/self/status CapEff)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("CapEff:"):
+            return bool(int(line.split()[1], 16) >> cap & 1)
+    return False
 
 
 def find_virtiofsd(wanted: str | None) -> tuple[str, Literal["c", "rust"]]:

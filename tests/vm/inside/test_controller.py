@@ -27,6 +27,8 @@ from .pods import (
     cgroupfs_read_only,
     container_of,
     cpu_list,
+    error_lines,
+    events,
     float_cpus,
     host_vcpus,
     pod_process,
@@ -34,6 +36,7 @@ from .pods import (
     start_runner,
     task_cgroup,
     vcpus_pinned,
+    write_spec,
 )
 from .rpc_probe import exchange
 
@@ -500,3 +503,33 @@ def test_an_unprivileged_pod_cannot_reach_another(
     assert victim.pod.terminate() == 0
     assert_nothing_left(victim.pod.uid)
     assert_nothing_left(attacker.uid)
+
+
+@pytest.mark.fault
+def test_an_unprivileged_pod_with_a_share_is_refused_in_one_line(
+    node: Node, tmp_path: Path, daemon: Daemon, fault: Fault
+) -> None:
+    fault.declare(
+        "a share asked of a VM pod that is not privileged (virtiofsd's sandbox needs SYS_ADMIN)",
+        "exit 1 with one line naming CAP_SYS_ADMIN, before anything runs; nothing left",
+    )
+    share = tmp_path / "share"
+    share.mkdir()
+    spec = write_spec(tmp_path, vcpus=2, shares=[{"source": str(share), "tag": "data"}])
+    rp = start_runner(
+        node,
+        tmp_path,
+        "1-2",
+        "--controller-socket",
+        str(daemon.socket),
+        spec=spec,
+        podsim=UNPRIVILEGED,
+    )
+    code, err = rp.finish()
+    (error,) = error_lines(err)
+    fault.saw(f"exit {code}: {error['error'][:90]}")
+    assert code == 1, err
+    assert error["event"] == "startup-failed" and "CAP_SYS_ADMIN" in error["error"]
+    assert not events(err, "qemu-started")
+    assert_nothing_left(rp.pod.uid)
+    assert sorted(p.name for p in INSTANCES.iterdir() if p.is_dir()) == ["float"]
