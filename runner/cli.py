@@ -187,7 +187,8 @@ def cli() -> None:
     "verify-interval",
     1.0,
     "How often, while the guest runs, each vCPU's cgroup and CPU are checked; one moved "
-    "behind the runner's back is put back and logged. 0: never.",
+    "behind the runner's back is put back and logged. 0: never. Embedded mode: in "
+    "controller mode the controller keeps the vCPUs, at its own --verify-interval.",
     minimum=0,
 )
 @option(

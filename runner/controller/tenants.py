@@ -154,14 +154,24 @@ class Tenants:
             raise refuse(f"pid {pid} is no process of pod {t.uuid} in its {where} cgroup")
         return host
 
+    def hold(self, t: Tenant, host: int, pid: int) -> int:
+        """A pidfd of the process, and its identity checked again under it: while the pidfd
+        shows it alive, what was read of /proc/<host> was this process's."""
+        try:
+            pidfd = os.pidfd_open(host)
+        except OSError:
+            raise refuse(f"pid {pid} of pod {t.uuid} went away") from None
+        if not in_namespace(host, t.ns) or ns_pid(f"/proc/{host}") != pid or _exited(pidfd):
+            os.close(pidfd)
+            raise refuse(f"pid {pid} of pod {t.uuid} went away")
+        return pidfd
+
     def move(self, t: Tenant, pid: int, to: str) -> None:
         """One whole process of the pod between its container cgroup and float."""
         source = "float" if to == "container" else "container"
         host = self.resolve(t, pid, source)
-        pidfd = os.pidfd_open(host)
+        pidfd = self.hold(t, host, pid)
         try:
-            if not in_namespace(host, t.ns) or ns_pid(f"/proc/{host}") != pid:
-                raise refuse(f"pid {pid} of pod {t.uuid} went away")
             try:
                 if to == "float":
                     float_cpus = self.cg.cpus(self.layout.float)
@@ -185,7 +195,7 @@ class Tenants:
         read back; the keeper that holds them so, and QEMU's pidfd (its end ends the keeping)."""
         qemu = self.resolve_anywhere(t, p.qemu)
         anchor = self.resolve(t, p.anchor, "container")
-        pidfd = os.pidfd_open(qemu)
+        pidfd = self.hold(t, qemu, p.qemu)
         try:
             placed = []
             for v in p.vcpus:

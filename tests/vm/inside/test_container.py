@@ -34,6 +34,7 @@ from .rpc_probe import exchange
 ARCHIVE = REPO / ".cache" / "image" / "instance-runner.oci.tar"
 IMAGE = "localhost/instance-runner:dev"
 SHIM = Path(__file__).with_name("oci_runtime.py")
+PROBE_SCRIPT = Path(__file__).with_name("rpc_probe.py")
 ONLINE = set(range(4))
 HEALTH_PORT = 9464
 
@@ -273,6 +274,62 @@ def test_unprivileged_vm_pod_is_placed_by_the_controller(cluster: Cluster) -> No
     cluster.podman("rm", vm.name)
     assert nothing_left(vm.pod.uid, cluster.sockets) == []
     wait_for(lambda: float_cpus() == ONLINE, what="float to get the pod's CPUs back")
+
+
+def test_from_inside_an_unprivileged_vm_pod_another_is_out_of_reach(cluster: Cluster) -> None:
+    """As root in the container, exec'd into it as kubectl exec would: the host's cgroup
+    files, another pod's threads, its CPUs and a TID not its own are all refused."""
+    victim = cluster.start_vm_pod("3")
+    attacker = cluster.start_vm_pod("1-2", privileged=False)
+    victim.wait_ready()
+    attacker.wait_ready()
+    instance = INSTANCES / f"instance-{victim.pod.uid}"
+    (vcpu,) = (int(t) for t in (instance / "cgroup.threads").read_text().split())
+    qemu = int(
+        next(
+            x
+            for x in Path(f"/proc/{vcpu}/status").read_text().splitlines()
+            if x.startswith("Tgid:")
+        ).split()[1]
+    )
+    probe = subprocess.run(
+        [
+            *cluster.podman.base,
+            "exec",
+            "-i",
+            attacker.name,
+            "/opt/instance-runner/bin/python",
+            "-",
+            "tenant",
+            "/run/instance-runner-node/controller.sock",
+            victim.pod.uid,
+            str(qemu),
+            str(vcpu),
+        ],
+        input=PROBE_SCRIPT.read_text(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert probe.returncode == 0, probe.stderr
+    answers = {r["case"]: r["answer"] for r in map(json.loads, probe.stdout.splitlines())}
+    # Its cgroup namespace shows its own cgroup alone, read-only: the node's are not there.
+    for case in ("write the victim's instance cgroup", "write float's cpuset"):
+        assert answers[case] in ("ENOENT", "EROFS"), (case, answers[case])
+    assert answers["write the victim's vCPU into our container"] == "EROFS"
+    assert answers["pin the victim's vCPU"] == "ESRCH"
+    for case in ("register the victim's CPUs", "move for the victim", "move the victim's QEMU"):
+        assert answers[case]["error"]["code"] == -32001, (case, answers[case])
+    # Its own vCPUs are placed already: a placement is refused before anything is looked up.
+    for case in ("place the victim's vCPU", "place the victim's QEMU", "place on the victim's CPU"):
+        assert answers[case]["error"]["code"] in (-32001, -32002), (case, answers[case])
+    assert_placed(victim.pid1(), victim.pod.uid, victim.cpus, ONLINE)
+    assert_placed(attacker.pid1(), attacker.pod.uid, attacker.cpus, ONLINE)
+    for vm in (attacker, victim):
+        cluster.podman("stop", "--time", "30", vm.name, timeout=60)
+        assert vm.pod.proc.wait(timeout=60) == 0, vm.pod.proc.communicate()
+        cluster.podman("rm", vm.name)
+        assert nothing_left(vm.pod.uid, cluster.sockets) == []
 
 
 def test_crashed_vm_pod_leaves_nothing_once_removed(cluster: Cluster) -> None:
