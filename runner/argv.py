@@ -217,16 +217,23 @@ def dnsmasq_argv(spec: InstanceSpec, index: int, binary: str = "dnsmasq") -> lis
 
 
 def virtiofsd_argv(
-    share: Share, socket: str, binary: str, flavour: Literal["c", "rust"]
+    share: Share,
+    socket: str,
+    binary: str,
+    flavour: Literal["c", "rust"],
+    sandbox: Literal["namespace", "chroot"] = "namespace",
 ) -> list[str]:
     """virtiofsd for one share. The C daemon (Debian's) has no read-only mode, so a read-only
-    share is served from a read-only bind mount of the source in a private mount namespace."""
+    share is served from a read-only bind mount of the source in a private mount namespace.
+    `sandbox`: chroot where making namespaces is not allowed (no CAP_SYS_ADMIN: a pod that is
+    not privileged)."""
     if flavour == "rust":
         argv = [
             binary,
             f"--socket-path={socket}",
             f"--shared-dir={share.source}",
             f"--cache={share.cache}",
+            *(["--sandbox=chroot"] if sandbox == "chroot" else []),
         ]
         return [*argv, "--readonly"] if share.read_only else argv
     argv = [
@@ -236,6 +243,7 @@ def virtiofsd_argv(
         f"source={_opt(share.source)}",
         "-o",
         f"cache={share.cache}",
+        *(["-o", "sandbox=chroot"] if sandbox == "chroot" else []),
     ]
     if not share.read_only:
         return argv

@@ -17,7 +17,7 @@ import attrs
 import trio
 
 from runner import cpus, rpc
-from runner.controller import policy
+from runner.controller import kthreads, policy
 from runner.controller.identity import Peer
 from runner.controller.metrics import ControllerMetrics
 from runner.controller.tenants import Tenant, Tenants, keep
@@ -200,11 +200,8 @@ class Service:
         return rpc.DeregisterResult(True)
 
     async def sweep_kernel_threads(self, interval: float) -> None:
-        """KVM's workers (kvm-nx-lpage-recovery up to 6.12) are kernel threads that the kernel
-        attaches to the cgroups of the process that made the VM: QEMU, in the container cgroup
-        then, on the dedicated CPUs. The runner cannot see them from the pod's PID namespace (they
-        show as PID 0 there); the controller moves them to float, where the kernel lets it (not
-        threads bound to a CPU, PF_NO_SETAFFINITY: EINVAL)."""
+        """KVM's workers out of every registered pod's container cgroup (kthreads.py); and
+        tenants whose instance was removed as stale forgotten."""
         while True:
             await trio.sleep(interval)
             async with self.lock:
@@ -214,44 +211,13 @@ class Service:
                         tenant.stop_keeping()
                         continue
                     try:
-                        self._sweep_container(uuid, tenant.container)
+                        self.kernel_threads_moved += kthreads.sweep(
+                            self.cg, self.layout, uuid, tenant.container, self._kept
+                        )
                     except Exception as e:  # a bad moment in /proc must not stop the daemon
                         log.error(
                             "kernel-sweep-failed", uuid=uuid, error=f"{type(e).__name__}: {e}"
                         )
-
-    def _sweep_container(self, uuid: str, container: str) -> None:
-        try:
-            listed = self.cg.procs(container)
-            float_cpus = self.layout.float_cpus()
-        except (CgroupError, cpus.CpuListError):
-            return  # the scope is gone with its pod
-        for pid in listed:
-            if pid in self._kept:
-                continue
-            try:
-                st = procfs.stat(pid)
-            except OSError:
-                continue
-            if not st.kernel:
-                continue  # the runner's own business: it sweeps processes of its pod
-            try:
-                self.cg.move_process(self.layout.float, pid)
-            except CgroupError as e:
-                self._kept.add(pid)
-                log.warning("kernel-thread-kept", pid=pid, comm=st.comm, uuid=uuid, error=str(e))
-                continue
-            if float_cpus:
-                with contextlib.suppress(OSError):
-                    os.sched_setaffinity(pid, float_cpus)
-            self.kernel_threads_moved += 1
-            log.info(
-                "kernel-thread-moved",
-                pid=pid,
-                comm=st.comm,
-                uuid=uuid,
-                detail="a kernel thread in the pod's container cgroup, on its dedicated CPUs",
-            )
 
     def _tenant(self, peer: Peer, uuid: str) -> Tenant:
         ns = policy.check_tenant(

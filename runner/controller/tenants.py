@@ -132,8 +132,6 @@ class Tenants:
         self.cg = cg
         self.layout = layout
         self.by_uuid: dict[str, Tenant] = {}
-        self.moved = 0  # processes moved for pods
-        self.placed = 0  # vCPU threads placed for pods
 
     def kept(self) -> list[Kept]:
         """What each pod's keeper did, for /metrics."""
@@ -185,7 +183,6 @@ class Tenants:
                 raise refuse(f"pid {pid} of pod {t.uuid} exited during the move")
         finally:
             os.close(pidfd)
-        self.moved += 1
         if to == "container" and t.keeper is not None:
             t.keeper.anchor_pid = lambda: host  # a new anchor: the only one let stay
         log.info("tenant-process-moved", uuid=t.uuid, pid=pid, host_pid=host, to=to)
@@ -217,7 +214,6 @@ class Tenants:
         except BaseException:
             os.close(pidfd)
             raise
-        self.placed += len(placed)
         keeper = Keeper(
             self.cg, t.container, instance, self.layout.float, qemu, placed, lambda: anchor
         )

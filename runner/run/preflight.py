@@ -44,6 +44,7 @@ class Prepared:
     virtiofsd: str  # "" when there are no shares
     virtiofsd_flavour: Literal["c", "rust"]
     isolation: Isolation | None  # None: --isolation off
+    virtiofsd_sandbox: Literal["namespace", "chroot"] = "namespace"  # chroot: no SYS_ADMIN
 
     @property
     def iso(self) -> Isolation:
@@ -103,6 +104,7 @@ def preflight(o: Options) -> Prepared:
         dnsmasq=dnsmasq,
         virtiofsd=virtiofsd,
         virtiofsd_flavour=flavour,
+        virtiofsd_sandbox="namespace" if has_capability(CAP_SYS_ADMIN) else "chroot",
         isolation=isolation,
     )
     if isolation is None:
@@ -269,11 +271,12 @@ def check_guest_resources(the_spec: spec.InstanceSpec, inherited: frozenset[int]
     for share in the_spec.shares:
         if not Path(share.source).is_dir():
             raise StartupError(f"share {share.tag}: {share.source} is not a directory")
-    if the_spec.shares and not has_capability(CAP_SYS_ADMIN):
+    read_only = [share for share in the_spec.shares if share.read_only]
+    if read_only and not has_capability(CAP_SYS_ADMIN):
         raise StartupError(
-            f"share {the_spec.shares[0].tag}: virtiofsd sandboxes itself in namespaces of its "
-            "own, which needs CAP_SYS_ADMIN, and this container lacks it (a VM pod that is not "
-            "privileged cannot serve shares yet)"
+            f"share {read_only[0].tag}: a read-only share is served from a read-only bind "
+            "mount in a mount namespace of its own, which needs CAP_SYS_ADMIN, and this "
+            "container lacks it (a VM pod that is not privileged can have read-write shares)"
         )
     boot = the_spec.kernel_boot
     for path in (boot.kernel, boot.initrd) if boot else ():

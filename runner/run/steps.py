@@ -233,7 +233,9 @@ async def plumb(s: Startup) -> None:
     sockets: list[str] = []
     for i, share in enumerate(the_spec.shares):
         path = str(s.pre.run_dir / f"virtiofs-{i}.sock")
-        argv = virtiofsd_argv(share, path, s.pre.virtiofsd, s.pre.virtiofsd_flavour)
+        argv = virtiofsd_argv(
+            share, path, s.pre.virtiofsd, s.pre.virtiofsd_flavour, s.pre.virtiofsd_sandbox
+        )
         name = f"virtiofsd-{share.tag}"
         try:
             child = await _launch(

@@ -71,3 +71,15 @@ def test_example_builds_as_golden(example: Path) -> None:
         golden.write_text(text)
     assert golden.exists(), f"no golden file for {example.name}: run with UPDATE_GOLDEN=1"
     assert text == golden.read_text()
+
+
+def test_virtiofsd_sandboxes_with_chroot_where_namespaces_are_not_allowed() -> None:
+    share = spec.load(
+        '{"name": "v", "vcpus": 1, "memory_mib": 64, "shares": [{"source": "/srv", "tag": "d"}]}'
+    )
+    (one,) = share.shares
+    c = virtiofsd_argv(one, "/run/s.sock", "virtiofsd", "c", "chroot")
+    assert c[-2:] == ["-o", "sandbox=chroot"]
+    assert "sandbox=chroot" not in virtiofsd_argv(one, "/run/s.sock", "virtiofsd", "c")
+    rust = virtiofsd_argv(one, "/run/s.sock", "virtiofsd", "rust", "chroot")
+    assert "--sandbox=chroot" in rust
