@@ -35,6 +35,7 @@ ARCHIVE = REPO / ".cache" / "image" / "instance-runner.oci.tar"
 IMAGE = "localhost/instance-runner:dev"
 SHIM = Path(__file__).with_name("oci_runtime.py")
 PROBE_SCRIPT = Path(__file__).with_name("rpc_probe.py")
+BLOB_CACHE = Path("/var/lib/containers/cache")
 ONLINE = set(range(4))
 HEALTH_PORT = 9464
 
@@ -77,11 +78,19 @@ class Podman:
 def podman() -> Iterator[Podman]:
     assert ARCHIVE.exists(), f"{ARCHIVE} is missing: scripts/image builds it"
     store = Path(f"/run/podman-{os.getpid()}")  # tmpfs: overlay's upper dirs cannot be overlay
+    # podman keeps a blob cache in /var/lib/containers/cache whatever its --root: a private
+    # one, so that the host's (seen through the VM's 9p root, and written by a build on the
+    # host meanwhile) is never read half-written.
+    BLOB_CACHE.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(BLOB_CACHE)], check=True)
     pm = Podman(store)
-    pm("load", "--quiet", "--input", str(ARCHIVE), timeout=600)
-    yield pm
-    subprocess.run([*pm.base, "rm", "--all", "--force"], capture_output=True, timeout=120)
-    shutil.rmtree(store, ignore_errors=True)
+    try:
+        pm("load", "--quiet", "--input", str(ARCHIVE), timeout=600)
+        yield pm
+    finally:
+        subprocess.run([*pm.base, "rm", "--all", "--force"], capture_output=True, timeout=120)
+        shutil.rmtree(store, ignore_errors=True)
+        subprocess.run(["umount", str(BLOB_CACHE)], capture_output=True)
 
 
 class Cluster:
