@@ -307,8 +307,12 @@ def test_from_inside_an_unprivileged_vm_pod_another_is_out_of_reach(cluster: Clu
             "exec",
             "-i",
             attacker.name,
-            "/opt/instance-runner/bin/python",
-            "-",
+            # Through the container's shell: crun looks an absolute command up itself and
+            # does not follow the venv's python link to /usr/bin/python3.
+            "sh",
+            "-c",
+            'exec /opt/instance-runner/bin/python - "$@"',
+            "sh",
             "tenant",
             "/run/instance-runner-node/controller.sock",
             victim.pod.uid,
