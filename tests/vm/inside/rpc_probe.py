@@ -76,7 +76,7 @@ def tenant(path: str, victim: str, qemu: int, vcpu_tid: int) -> None:
     """As a pod's own process. In a private cgroup namespace (exec'd into a VM pod that is
     not privileged, whose runner registered it already) the pod is the one the environment
     names, and its own registration is not asked again."""
-    exec_d = Path("/proc/self/cpuset").read_text().strip() == "/"
+    exec_d = "INSTANCE_RUNNER_POD_UID" in os.environ
     if exec_d:
         me = kube.in_namespace(os.environ["INSTANCE_RUNNER_POD_UID"])
         mine = Path("/sys/fs/cgroup/cpuset.cpus.effective").read_text().strip()
