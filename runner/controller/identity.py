@@ -11,7 +11,6 @@ it marks the pod once the runner has left its container cgroup.
 from __future__ import annotations
 
 import os
-import select
 import socket
 import struct
 from pathlib import Path
@@ -20,6 +19,7 @@ import attrs
 
 from runner import kube
 from runner.kube import PodCgroup
+from runner.node import procfs
 
 SO_PEERPIDFD = 77
 OUTSIDE_PID_NAMESPACE = "peer outside our pid namespace"
@@ -52,25 +52,11 @@ def pod_of(pid: int) -> PodCgroup | None:
         return None
 
 
-def start_time(pid: int) -> int | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(stat.rsplit(")", 1)[1].split()[19])
-
-
 def pid_namespace(pid: int) -> int | None:
     try:
-        return os.stat(f"/proc/{pid}/ns/pid").st_ino
+        return procfs.pid_namespace(pid)
     except OSError:
         return None
-
-
-def _exited(pidfd: int) -> bool:
-    poller = select.poll()
-    poller.register(pidfd, select.POLLIN)
-    return bool(poller.poll(0))
 
 
 def identify(sock: socket.socket) -> Peer:
@@ -87,13 +73,13 @@ def identify(sock: socket.socket) -> Peer:
     if pidfd >= 0:
         try:
             pod, ns = pod_of(pid), pid_namespace(pid)
-            if _exited(pidfd):
+            if procfs.exited(pidfd):
                 return Peer(pid, None, "pidfd")
             return Peer(pid, pod, "pidfd", ns)
         finally:
             os.close(pidfd)
-    before = start_time(pid)
+    before = procfs.start_time(pid)
     pod, ns = pod_of(pid), pid_namespace(pid)
-    if before is None or start_time(pid) != before:
+    if before is None or procfs.start_time(pid) != before:
         return Peer(pid, None, "pid and start time")
     return Peer(pid, pod, "pid and start time", ns)

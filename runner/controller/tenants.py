@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import select
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import attrs
 import trio
 
 from runner import cpus, kube, rpc
+from runner.controller.identity import pid_namespace
 from runner.log import log
 from runner.node import procfs
 from runner.node.cgroupfs import CgroupError, CgroupFS
@@ -58,10 +58,7 @@ def ns_pid(path: str) -> int | None:
 
 
 def in_namespace(pid: int, ns: int) -> bool:
-    try:
-        return procfs.pid_namespace(pid) == ns
-    except OSError:
-        return False
+    return pid_namespace(pid) == ns
 
 
 def find_process(ns: int, pid: int, candidates: Iterable[int]) -> int | None:
@@ -107,20 +104,6 @@ def _placed(qemu: int, tid: int) -> Placed:
     return Placed(int(match.group(1)), tid, min(allowed), priority)
 
 
-def _exited(pidfd: int) -> bool:
-    poller = select.poll()
-    poller.register(pidfd, select.POLLIN)
-    return bool(poller.poll(0))
-
-
-def _thread_start(host_pid: int, tid: int) -> int | None:
-    try:
-        text = Path(f"/proc/{host_pid}/task/{tid}/stat").read_text()
-    except OSError:
-        return None
-    return int(text.rsplit(")", 1)[1].split()[19])
-
-
 def refuse(message: str) -> rpc.RPCError:
     return rpc.RPCError(rpc.FORBIDDEN, message)
 
@@ -159,7 +142,7 @@ class Tenants:
             pidfd = os.pidfd_open(host)
         except OSError:
             raise refuse(f"pid {pid} of pod {t.uuid} went away") from None
-        if not in_namespace(host, t.ns) or ns_pid(f"/proc/{host}") != pid or _exited(pidfd):
+        if not in_namespace(host, t.ns) or ns_pid(f"/proc/{host}") != pid or procfs.exited(pidfd):
             os.close(pidfd)
             raise refuse(f"pid {pid} of pod {t.uuid} went away")
         return pidfd
@@ -178,7 +161,7 @@ class Tenants:
                     self.cg.move_process(t.container, host)
             except CgroupError as e:
                 raise rpc.RPCError(rpc.INTERNAL_ERROR, str(e)) from None
-            if _exited(pidfd):
+            if procfs.exited(pidfd):
                 log.error("tenant-move-raced", uuid=t.uuid, pid=pid, host_pid=host, to=to)
                 raise refuse(f"pid {pid} of pod {t.uuid} exited during the move")
         finally:
@@ -200,12 +183,14 @@ class Tenants:
                 if tid is None:
                     raise refuse(f"thread {v.tid} is no thread of pod {t.uuid}'s process {p.qemu}")
                 placed.append(Placed(v.vcpu, tid, v.cpu, v.priority))
-            starts = {q.tid: _thread_start(qemu, q.tid) for q in placed}
+            starts = {q.tid: procfs.start_time(qemu, q.tid) for q in placed}
             float_cpus = self.cg.cpus(self.layout.float)
             move_to_float(self.cg, self.layout.float, float_cpus, qemu)
             for q in placed:
                 place_vcpu(self.cg, instance, qemu, q)
-            if _exited(pidfd) or any(_thread_start(qemu, q.tid) != starts[q.tid] for q in placed):
+            if procfs.exited(pidfd) or any(
+                procfs.start_time(qemu, q.tid) != starts[q.tid] for q in placed
+            ):
                 log.error("tenant-place-raced", uuid=t.uuid, qemu=p.qemu, host_pid=qemu)
                 raise refuse(f"process {p.qemu} of pod {t.uuid} or a vCPU thread exited")
         except (PinError, CgroupError) as e:

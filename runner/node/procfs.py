@@ -4,6 +4,7 @@ the readers only open files. A thread that is gone raises OSError: callers decid
 from __future__ import annotations
 
 import os
+import select
 from pathlib import Path
 
 import attrs
@@ -13,6 +14,7 @@ from runner.cpus import CpuSet
 
 # /proc/<pid>/stat fields after "comm)": index 0 is field 3 (state) of proc(5).
 _PPID, _FLAGS, _UTIME, _STIME, _PROCESSOR, _RT_PRIORITY, _POLICY = 1, 6, 11, 12, 36, 37, 38
+_STARTTIME = 19
 PF_KTHREAD = 0x00200000  # include/linux/sched.h
 POLICIES = {0: "other", 1: "fifo", 2: "rr", 3: "batch", 5: "idle", 6: "deadline"}
 
@@ -153,6 +155,25 @@ def processes() -> list[int]:
 def pid_namespace(pid: int | str) -> int:
     """The inode of a process's PID namespace: equal for every process of one pod."""
     return os.stat(f"/proc/{pid}/ns/pid").st_ino
+
+
+def start_time(pid: int, tid: int | None = None) -> int | None:
+    """When a process (or thread) started, in clock ticks since boot; None once it is gone.
+    The same number read twice around other reads proves they were of the same one."""
+    base = _task(pid, tid) if tid is not None else Path(f"/proc/{pid}")
+    try:
+        text = (base / "stat").read_text()
+    except OSError:
+        return None
+    return int(text.rsplit(")", 1)[1].split()[_STARTTIME])
+
+
+def exited(pidfd: int) -> bool:
+    """A pidfd turns readable when its process has exited (while it has not, its PID is its
+    own: nothing read under it can be another process's)."""
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 def cmdline(pid: int) -> list[str]:

@@ -74,9 +74,11 @@ class Embedded:
         root: str,
         kubelet_dir: str,
         uuid: str,
+        container: str,
         mode: partition.PartitionMode = "none",
     ) -> None:
         self.cg = cg
+        self.container = container  # the pod's container cgroup: the anchor's and QEMU's
         self.layout = Layout(cg, root)
         self.keeper = FloatKeeper(self.layout, kubelet_dir)
         self.kubelet_dir = kubelet_dir
@@ -84,7 +86,6 @@ class Embedded:
         self.partition = mode
         self._made: str | None = None
         self._isolated = False
-        self.container = ""  # set by make_source
 
     def shared_cpus(self) -> CpuSet:
         state = read_state(self.kubelet_dir)
@@ -306,6 +307,4 @@ def make_source(
 ) -> CgroupSource:
     if controller_socket:
         return FromController(controller_socket, controller_timeout, pod.pod_uid, cg, pod.path)
-    embedded = Embedded(cg, root, kubelet_dir, pod.pod_uid, mode)
-    embedded.container = pod.path
-    return embedded
+    return Embedded(cg, root, kubelet_dir, pod.pod_uid, pod.path, mode)

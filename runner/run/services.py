@@ -87,8 +87,8 @@ async def spawn_joined(
     child = reaper.spawn(name, ["sh", "-c", HOLD, "sh", *argv], **kw)
     try:
         with trio.fail_after(timeout):
-            while _state(child.pid) != "T":
-                if not child.running or _state(child.pid) in ("Z", ""):
+            while (state := _state(child.pid)) != "T":
+                if not child.running or state in ("Z", ""):
                     raise OSError(f"{name} exited before it joined the container cgroup")
                 await trio.sleep(0.005)
         await join(child.pid)
