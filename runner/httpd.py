@@ -7,17 +7,18 @@ It only wakes when a request comes: no timers while idle.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import inspect
+from collections.abc import Awaitable, Callable, Mapping
 from http import HTTPStatus
 
 import trio
 
 from runner.log import log
 
-# A route answers with a status and a body, computed when asked; a third item, when there is
-# one, is the body's content type (text/plain otherwise).
+# A route answers with a status and a body, computed when asked (awaited, when it must ask
+# someone); a third item, when there is one, is the body's content type (text/plain otherwise).
 Reply = tuple[int, str] | tuple[int, str, str]
-Route = Callable[[], Reply]
+Route = Callable[[], Reply | Awaitable[Reply]]
 TEXT = "text/plain; charset=utf-8"
 
 REQUEST_DEADLINE = 5.0  # a client that does not finish its request head in time is dropped
@@ -38,7 +39,7 @@ def parse_address(text: str) -> tuple[str, int]:
     return host or "0.0.0.0", int(port)
 
 
-def respond(head: bytes, routes: Mapping[str, Route]) -> bytes:
+async def respond(head: bytes, routes: Mapping[str, Route]) -> bytes:
     """The whole response to a request head. Pure but for the route it calls."""
     try:
         method, target, _version = head.split(b"\r\n", 1)[0].decode("ascii").split(" ")
@@ -50,7 +51,8 @@ def respond(head: bytes, routes: Mapping[str, Route]) -> bytes:
     if method not in ("GET", "HEAD"):
         return _response(405, "GET or HEAD only\n", with_body=True)
     try:
-        status, body, *kind = routes[path]()
+        reply = routes[path]()
+        status, body, *kind = await reply if inspect.isawaitable(reply) else reply
     except Exception as e:  # a route's bug answers this request, never stops the listener
         log.error("http-route-failed", path=path, error=f"{type(e).__name__}: {e}")
         return _response(500, "internal error\n", with_body=method == "GET")
@@ -86,7 +88,7 @@ async def _handle(stream: trio.SocketStream, routes: Mapping[str, Route]) -> Non
             return
         with trio.move_on_after(REQUEST_DEADLINE):
             try:
-                await stream.send_all(respond(head, routes))
+                await stream.send_all(await respond(head, routes))
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 return
 

@@ -131,6 +131,14 @@ def view(path: str, ns_root: str) -> str:
     return "/" if rel == "." else "/" + rel
 
 
+def on_node(path: str, ns_root: str) -> str:
+    """The node's path of a cgroup that a process in a cgroup namespace rooted at `ns_root`
+    sees as `path` (the inverse of `view`)."""
+    if ns_root == "/":
+        return path
+    return posixpath.normpath(posixpath.join(ns_root, path.lstrip("/")))
+
+
 @attrs.frozen
 class KubeletState:
     """cpu_manager_state (kubelet's checkpoint, v2 format). The checksum is not verified: it

@@ -13,6 +13,7 @@ from typing import Any, Literal
 import attrs
 import trio
 
+from runner.node.cgroupfs import Pressure
 from runner.plan import Placed
 from runner.spec import converter as strict_converter
 from runner.spec import describe
@@ -118,11 +119,37 @@ class PlaceResult:
     placed: int
 
 
+@attrs.frozen
+class StatusParams:
+    uuid: str
+
+
+@attrs.frozen
+class KeptCounts:
+    """What keeping the caller's vCPUs placed has done since the controller started."""
+
+    drifts: int
+    repins: int
+    moved_to_float: int  # processes, out of the container cgroup
+    evicted: int  # threads that were no vCPU, out of the instance cgroup
+
+
+@attrs.frozen
+class StatusResult:
+    """What a runner in a private cgroup namespace cannot read itself: cpu.pressure of its
+    instance cgroup and of float, by those names, and the keeping counts (null before its
+    vCPUs are placed)."""
+
+    pressure: dict[str, Pressure]
+    kept: KeptCounts | None
+
+
 PARAMS: dict[str, type] = {
     "registerCgroup": RegisterParams,
     "deregisterCgroup": DeregisterParams,
     "moveProcess": MoveParams,
     "placeVcpus": PlaceParams,
+    "instanceStatus": StatusParams,
     "listInstances": EmptyParams,
     "health": EmptyParams,
 }

@@ -23,7 +23,7 @@ from runner.controller.metrics import ControllerMetrics
 from runner.controller.tenants import Tenant, Tenants, keep
 from runner.log import log
 from runner.node import partition, procfs
-from runner.node.cgroupfs import CgroupError, CgroupFS
+from runner.node.cgroupfs import CgroupError, CgroupFS, pressures
 from runner.node.floatkeeper import FloatKeeper, FloatUnknown
 from runner.node.kubelet import Unknown, read_state
 from runner.node.layout import Layout, online_cpus
@@ -260,6 +260,17 @@ class Service:
             self.nursery.start_soon(keep, tenant, keeper, pidfd, self.opts.verify_interval)
         return rpc.PlaceResult(len(p.vcpus))
 
+    async def instance_status(self, peer: Peer, p: rpc.StatusParams) -> rpc.StatusResult:
+        """Read for a runner that cannot read the node's cgroupfs itself."""
+        tenant = self._tenant(peer, p.uuid)
+        k = tenant.keeper
+        return rpc.StatusResult(
+            pressures(
+                self.cg, {"instance": self.layout.instance(p.uuid), "float": self.layout.float}
+            ),
+            rpc.KeptCounts(k.drifts, k.repins, k.moved_to_float, k.evicted) if k else None,
+        )
+
     async def list_instances(self, _peer: Peer, _p: object) -> rpc.ListResult:
         return rpc.ListResult(
             [
@@ -290,6 +301,7 @@ class Service:
             "deregisterCgroup": self.deregister,
             "moveProcess": self.move_process,
             "placeVcpus": self.place_vcpus,
+            "instanceStatus": self.instance_status,
             "listInstances": self.list_instances,
             "health": self.health,
         }

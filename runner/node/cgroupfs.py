@@ -6,12 +6,37 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
+import attrs
 import trio
 
 from runner import cpus
 from runner.cpus import CpuSet
+
+
+@attrs.frozen
+class Pressure:
+    """cpu.pressure totals, in microseconds: some = at least one task waited for a CPU,
+    full = every non-idle task did at once."""
+
+    some_us: int
+    full_us: int | None  # the kernel reports "full" for CPU only since 5.13
+
+
+def parse_pressure(text: str) -> Pressure:
+    """A PSI file ("some avg10=0.00 avg60=0.00 avg300=0.00 total=123", "full ...")."""
+    totals: dict[str, int] = {}
+    for line in text.splitlines():
+        kind, *fields = line.split()
+        for field in fields:
+            key, _, value = field.partition("=")
+            if key == "total":
+                totals[kind] = int(value)
+    if "some" not in totals:
+        raise ValueError(f"no 'some ... total=' line in {text!r}")
+    return Pressure(totals["some"], totals.get("full"))
 
 
 class CgroupError(Exception):
@@ -25,20 +50,27 @@ class CgroupFS:
     def dir(self, cgroup: str) -> Path:
         return self.mount / cgroup.lstrip("/")
 
+    def _file(self, cgroup: str, name: str) -> Path:
+        # In a private cgroup namespace, cgroups outside it read as "/../..": never a path
+        # below the mount.
+        if ".." in cgroup.split("/"):
+            raise CgroupError(f"{cgroup} is outside this cgroup namespace's view")
+        return self.dir(cgroup) / name
+
     def relative(self, directory: str | Path) -> str:
         """The cgroup path of a directory below the mount ("/instances/float")."""
         rel = Path(directory).resolve().relative_to(self.mount.resolve())
         return "/" + str(rel) if str(rel) != "." else "/"
 
     def read(self, cgroup: str, name: str) -> str:
-        path = self.dir(cgroup) / name
+        path = self._file(cgroup, name)
         try:
             return path.read_text()
         except OSError as e:
             raise CgroupError(f"cannot read {path}: {e.strerror}") from None
 
     def write(self, cgroup: str, name: str, value: str) -> None:
-        path = self.dir(cgroup) / name
+        path = self._file(cgroup, name)
         try:
             # One write() per value: cgroupfs acts on each write separately.
             fd = os.open(path, os.O_WRONLY)
@@ -51,7 +83,7 @@ class CgroupFS:
             raise CgroupError(f"cannot write {value!r} to {path}: {e.strerror} ({name})") from None
 
     def exists(self, cgroup: str) -> bool:
-        return self.dir(cgroup).is_dir()
+        return ".." not in cgroup.split("/") and self.dir(cgroup).is_dir()
 
     def check_v2_cpuset(self) -> None:
         """Refuse hosts where cpuset is not on a cgroup v2 hierarchy at the mount."""
@@ -156,3 +188,14 @@ def thread_cgroup(pid: int, tid: int) -> str:
         if line.startswith("0::"):
             return line[3:]
     raise CgroupError(f"thread {tid} of {pid} has no cgroup v2 path")
+
+
+def pressures(cg: CgroupFS, cgroups: Mapping[str, str]) -> dict[str, Pressure]:
+    """cpu.pressure of each named cgroup; one without PSI (psi=0) or going away is left out."""
+    out = {}
+    for label, cgroup in cgroups.items():
+        try:
+            out[label] = parse_pressure(cg.read(cgroup, "cpu.pressure"))
+        except (CgroupError, ValueError):
+            continue
+    return out

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +69,8 @@ class ProcessTable:
         return found
 
 
-def read_processes(pids: Iterable[int]) -> tuple[Process, ...]:
+def read_processes(pids: Iterable[int], on_node: Callable[[str], str] = str) -> tuple[Process, ...]:
+    """`on_node`: each thread's cgroup as the node names it, from how this process sees it."""
     out = []
     for pid in sorted(set(pids)):
         try:
@@ -80,7 +81,8 @@ def read_processes(pids: Iterable[int]) -> tuple[Process, ...]:
         threads = []
         for tid in procfs.threads(pid):
             try:
-                threads.append(procfs.thread(pid, tid))
+                t = procfs.thread(pid, tid)
+                threads.append(attrs.evolve(t, cgroup=on_node(t.cgroup)))
             except (OSError, KeyError, ValueError):
                 continue
         if threads:
@@ -129,19 +131,22 @@ def _try_threads(cg: CgroupFS, cgroup: str) -> frozenset[int] | None:
         return None
 
 
-def with_container(pod: Pod, cg: CgroupFS) -> Pod:
+def with_container(
+    pod: Pod, cg: CgroupFS, seen: Callable[[str], str] = str, on_node: Callable[[str], str] = str
+) -> Pod:
     """Add what sits in the container cgroup but was not found by namespace: a process
-    written there from outside. Those this namespace cannot see are listed as PID 0."""
+    written there from outside. Those this namespace cannot see are listed as PID 0.
+    `seen`/`on_node`: a node's cgroup path as our cgroupfs has it, and back."""
     anchor = podview.anchor_of(pod, podview.runner_of(pod))
     container = podview.container_of(pod, anchor)
     if container is None:
         return pod
     try:
-        listed = cg.procs(container)
+        listed = cg.procs(seen(container))
     except CgroupError:
         return pod  # no cgroupfs here, or the scope is gone
     known = {p.pid for p in pod.processes}
-    extra = read_processes(p for p in listed if p > 0 and p not in known)
+    extra = read_processes((p for p in listed if p > 0 and p not in known), on_node)
     return attrs.evolve(
         pod,
         processes=pod.processes + extra,
@@ -172,10 +177,22 @@ def own_run_dir(base: str) -> Path | None:
                 continue
             if uid is not None:
                 break
+    if uid is None and runner_is_init:
+        # A private cgroup namespace hides the pod's cgroup; the pod's own /run holds only
+        # its own runner's run dir.
+        found = [d for d in _subdirs(Path(base)) if (d / "ready").exists()]
+        return found[0] if len(found) == 1 else None
     if uid is None:
         return None
     run_dir = Path(base) / uid
     return run_dir if runner_is_init or (run_dir / "ready").exists() else None
+
+
+def _subdirs(path: Path) -> list[Path]:
+    try:
+        return [d for d in path.iterdir() if d.is_dir()]
+    except OSError:
+        return []
 
 
 def _pod_uid(cgroup: str) -> str | None:
@@ -197,30 +214,52 @@ def in_pod(run_dir: Path, cg: CgroupFS) -> Pod:
             f"QEMU (PID {qemu} in {run_dir / 'ready'}) is not in this PID namespace's /proc: "
             "run inspect inside the pod (with the pod's /proc), or give --pod on the node"
         )
+    # Every cgroup is shown as the node names it. The ready file has the runner's view, which
+    # in a private cgroup namespace is relative to the root it names; /proc shows ours, the
+    # same when we joined that namespace (kubectl exec does), and our cgroupfs is rooted there.
+    root = ready.get("cgroup_namespace_root") or "/"
+    ours = root if _same_cgroup_namespace(qemu) else "/"
+
+    def on_node(path: str) -> str:
+        return kube.on_node(path, ours)
+
+    def seen(path: str) -> str:
+        return kube.view(path, ours)
+
+    instance = kube.on_node(instance, root)
+    float_cg = kube.on_node(float_cg, root) if float_cg else None
     vcpu_tids, vcpu_cpus = _vcpus(ready)
-    float_cpus = _try_cpus(cg, float_cg) if float_cg else None
+    float_cpus = _try_cpus(cg, seen(float_cg)) if float_cg else None
     if float_cpus is None and ready.get("float_cpus"):
         float_cpus = cpus.parse(ready["float_cpus"])
     nodes, notes = numa_nodes()
     notes += table.notes()
     pids = table.with_descendants(table.in_namespace(table.own_ns))
+    dedicated = _try_cpus(cg, seen(instance)) or frozenset()
     pod = Pod(
         uid=ready.get("pod_uid"),
         seen_from="pod",
         instance_cgroup=instance,
         float_cgroup=float_cg,
         float_cpus=float_cpus,
-        dedicated=frozenset(vcpu_cpus.values()) | (_try_cpus(cg, instance) or frozenset()),
+        dedicated=frozenset(vcpu_cpus.values()) | dedicated,
         qemu_pid=qemu,
         self_pid=os.getpid(),
-        processes=read_processes(pids),
-        instance_tids=_try_threads(cg, instance),
+        processes=read_processes(pids, on_node),
+        instance_tids=_try_threads(cg, seen(instance)),
         vcpu_tids=vcpu_tids,
         vcpu_cpus=vcpu_cpus,
         nodes=nodes,
         notes=notes,
     )
-    return with_container(pod, cg)
+    return with_container(pod, cg, seen, on_node)
+
+
+def _same_cgroup_namespace(pid: int) -> bool:
+    try:
+        return os.stat("/proc/self/ns/cgroup").st_ino == os.stat(f"/proc/{pid}/ns/cgroup").st_ino
+    except OSError:
+        return False
 
 
 # --- on the node ---------------------------------------------------------------------------

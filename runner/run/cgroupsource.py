@@ -34,13 +34,19 @@ from runner.run.options import StartupError
 
 # Embedded mode re-reads kubelet's state on every change, and at least this often.
 KUBELET_RESYNC = 10.0
+# A scrape waits this long for what the controller reads for us, then answers without it.
+STATUS_DEADLINE = 2.0
 
 
 @attrs.frozen
 class Cgroups:
+    """The paths as the runner sees them; `ns_root` is the node's path of its cgroup
+    namespace's root ("/" unless the container has a private one)."""
+
     float: str
     instance: str
     float_cpus: CpuSet
+    ns_root: str = "/"
 
 
 class CgroupSource(Protocol):
@@ -61,6 +67,10 @@ class CgroupSource(Protocol):
     async def join_container(self, pid: int) -> None: ...
 
     async def place(self, qemu: int, placed: list[Placed], anchor: int) -> None: ...
+
+    async def status(self) -> rpc.StatusResult | None:
+        """What the runner cannot read itself (None: it can, or nobody answered)."""
+        ...
 
 
 class Embedded:
@@ -158,6 +168,9 @@ class Embedded:
         for p in placed:
             place_vcpu(self.cg, self._made, qemu, p)
 
+    async def status(self) -> None:
+        return None  # the runner reads and keeps everything itself
+
 
 class FromController:
     """float and the instance cgroup from the node controller, which makes every write for
@@ -179,6 +192,7 @@ class FromController:
         self.cg = cg
         self.container = container
         self.asked = False  # a registration may have happened, even if its answer was lost
+        self.status_failing = False  # logged once, not at every scrape
 
     def shared_cpus(self) -> None:
         return None  # the controller checks the CPUs against kubelet's state itself
@@ -231,7 +245,7 @@ class FromController:
         except (CgroupError, cpus.CpuListError) as e:
             raise StartupError(f"float's CPUs: {e}") from None
         return Cgroups(
-            kube.view(res.float_path, root), kube.view(res.cgroup_path, root), float_cpus
+            kube.view(res.float_path, root), kube.view(res.cgroup_path, root), float_cpus, root
         )
 
     async def maintain(self) -> None:
@@ -294,6 +308,24 @@ class FromController:
             )
         except CgroupError as e:
             raise PinError(str(e)) from None
+
+    async def status(self) -> rpc.StatusResult | None:
+        try:
+            res = await rpc.call(
+                self.socket,
+                "instanceStatus",
+                rpc.StatusParams(self.uuid),
+                rpc.StatusResult,
+                timeout=STATUS_DEADLINE,
+            )
+        except (OSError, rpc.RPCError, trio.TooSlowError) as e:
+            if not self.status_failing:
+                log.warning("status-unavailable", error=str(e) or type(e).__name__)
+            self.status_failing = True
+            return None
+        self.status_failing = False
+        assert isinstance(res, rpc.StatusResult)
+        return res
 
 
 def make_source(

@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 
 import attrs
 
+from runner.node.cgroupfs import Pressure
+
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
 
@@ -29,6 +31,9 @@ GUEST_STATES = (
 )
 
 
+Kept = tuple[list[str], int, int, int, int]  # label values, drifts, repins, moved, evicted
+
+
 @attrs.frozen
 class VcpuSample:
     vcpu: int
@@ -40,15 +45,6 @@ class VcpuSample:
 
 
 @attrs.frozen
-class Pressure:
-    """cpu.pressure totals, in microseconds: some = at least one task waited for a CPU,
-    full = every non-idle task did at once."""
-
-    some_us: int
-    full_us: int | None  # the kernel reports "full" for CPU only since 5.13
-
-
-@attrs.frozen
 class Sample:
     name: str
     pod_uid: str
@@ -57,30 +53,13 @@ class Sample:
     guest_status: str
     vcpus: tuple[VcpuSample, ...] = ()
     pressure: Mapping[str, Pressure] = attrs.Factory(dict)  # "instance" / "float" -> totals
-    # What keeping the vCPUs placed did. None in controller mode: the controller keeps them, and
-    # its /metrics counts, by pod.
-    repins: int | None = 0
-    drifts: int | None = 0
-    moved_to_float: int | None = 0  # processes, out of the container cgroup
-    evicted: int | None = 0  # threads that were no vCPU, out of the instance cgroup
+    # What keeping the vCPUs placed did: the runner's keeper, or the controller's for this
+    # pod; None when the controller did not say.
+    kept: Kept | None = attrs.Factory(lambda: ([], 0, 0, 0, 0))
     orphans_reaped: int = 0
     restarts: Mapping[str, int] = attrs.Factory(dict)  # child -> restarts
     step_seconds: Mapping[str, float] = attrs.Factory(dict)
     running_after: float | None = None
-
-
-def parse_pressure(text: str) -> Pressure:
-    """A PSI file ("some avg10=0.00 avg60=0.00 avg300=0.00 total=123", "full ...")."""
-    totals: dict[str, int] = {}
-    for line in text.splitlines():
-        kind, *fields = line.split()
-        for field in fields:
-            key, _, value = field.partition("=")
-            if key == "total":
-                totals[kind] = int(value)
-    if "some" not in totals:
-        raise ValueError(f"no 'some ... total=' line in {text!r}")
-    return Pressure(totals["some"], totals.get("full"))
 
 
 def families(s: Sample) -> Iterator[Metric]:
@@ -144,9 +123,8 @@ def families(s: Sample) -> Iterator[Metric]:
     yield CounterMetricFamily(
         PREFIX + "orphans_reaped", "Orphaned processes reaped as PID 1.", value=s.orphans_reaped
     )
-    if s.repins is not None:
-        row: Kept = ([], s.drifts or 0, s.repins, s.moved_to_float or 0, s.evicted or 0)
-        yield from keeping(PREFIX, [], [row])
+    if s.kept is not None:
+        yield from keeping(PREFIX, [], [s.kept])
 
     restarts = CounterMetricFamily(
         PREFIX + "child_restarts",
@@ -209,9 +187,6 @@ def readyz(
         if off or not vcpus:
             return 503, f"vCPUs not placed: {', '.join(map(str, off)) or 'none known'}\n"
     return 200, "ready\n"
-
-
-Kept = tuple[list[str], int, int, int, int]  # label values, drifts, repins, moved, evicted
 
 
 def keeping(prefix: str, labels: list[str], rows: list[Kept]) -> Iterator[Metric]:

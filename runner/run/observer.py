@@ -8,13 +8,13 @@ import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from runner import httpd
+from runner import httpd, rpc
 from runner.log import log
 from runner.node import procfs
-from runner.node.cgroupfs import CgroupError
+from runner.node.cgroupfs import pressures
 from runner.plan import in_place
 from runner.run import metrics
-from runner.run.metrics import Pressure, Sample, VcpuSample
+from runner.run.metrics import Kept, Sample, VcpuSample
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
@@ -71,22 +71,28 @@ def guest_status(s: Startup) -> str:
     return s.guest.status
 
 
-def pressure(s: Startup) -> dict[str, Pressure]:
-    if s.cgroups is None or s.pre.isolation is None:
-        return {}
-    out = {}
-    for label, cgroup in (("instance", s.cgroups.instance), ("float", s.cgroups.float)):
-        try:
-            out[label] = metrics.parse_pressure(s.pre.iso.cg.read(cgroup, "cpu.pressure"))
-        except (CgroupError, ValueError):
-            continue  # no PSI in this kernel (psi=0), or the cgroup is going away
-    return out
-
-
-def sample(s: Startup) -> Sample:
+def sample(s: Startup, remote: rpc.StatusResult | None = None) -> Sample:
+    """`remote`: what the controller read for us (controller mode), where the runner, in a
+    private cgroup namespace, cannot read the node's cgroups; and what its keeper did."""
     iso = s.pre.isolation
     keeper = s.keeper
-    kept = iso is None or iso.source.keeps  # else the controller keeps, and counts
+    if iso is None or s.cgroups is None:
+        pressure = {}
+    elif remote is not None:
+        pressure = dict(remote.pressure)
+    else:
+        pressure = pressures(iso.cg, {"instance": s.cgroups.instance, "float": s.cgroups.float})
+    if iso is None or iso.source.keeps:
+        kept: Kept | None = (
+            ([], keeper.drifts, keeper.repins, keeper.moved_to_float, keeper.evicted)
+            if keeper
+            else ([], 0, 0, 0, 0)
+        )
+    elif remote is not None and remote.kept is not None:
+        k = remote.kept
+        kept = ([], k.drifts, k.repins, k.moved_to_float, k.evicted)
+    else:
+        kept = None  # the controller keeps them, and did not say (or has not placed them yet)
     return Sample(
         name=s.pre.spec.name,
         pod_uid=iso.pod.pod_uid if iso else "",
@@ -94,11 +100,8 @@ def sample(s: Startup) -> Sample:
         mode="controller" if s.opts.controller_socket else "embedded",
         guest_status=guest_status(s),
         vcpus=s.vcpu_counters.read(s),
-        pressure=pressure(s),
-        repins=(keeper.repins if keeper else 0) if kept else None,
-        drifts=(keeper.drifts if keeper else 0) if kept else None,
-        moved_to_float=(keeper.moved_to_float if keeper else 0) if kept else None,
-        evicted=(keeper.evicted if keeper else 0) if kept else None,
+        pressure=pressure,
+        kept=kept,
         orphans_reaped=s.reaper.orphans_reaped,
         restarts=dict(s.reaper.restarts),
         step_seconds=dict(s.step_seconds),
@@ -121,14 +124,20 @@ def routes(s: Startup) -> dict[str, httpd.Route]:
     from prometheus_client.registry import Collector
 
     class Instance(Collector):
-        def collect(self) -> Iterator[Metric]:
-            yield from metrics.families(sample(s))
+        remote: rpc.StatusResult | None = None
 
+        def collect(self) -> Iterator[Metric]:
+            yield from metrics.families(sample(s, self.remote))
+
+    instance = Instance()
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(Instance())
+    registry.register(instance)
     ProcessCollector(registry=registry)  # the runner's own CPU time and memory
 
-    def scrape() -> httpd.Reply:
+    async def scrape() -> httpd.Reply:
+        iso = s.pre.isolation
+        # Asked for at each scrape, never between: an unscraped runner stays idle.
+        instance.remote = await iso.source.status() if iso and s.cgroups else None
         return 200, generate_latest(registry).decode(), CONTENT_TYPE
 
     def health() -> httpd.Reply:

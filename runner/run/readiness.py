@@ -33,6 +33,7 @@ def ready_doc(
         "instance_cgroup": cgroups.instance if cgroups else None,
         "float_cgroup": cgroups.float if cgroups else None,
         "float_cpus": cpus.format(cgroups.float_cpus) if cgroups else None,
+        "cgroup_namespace_root": cgroups.ns_root if cgroups else None,
         "vcpus": [
             {"vcpu": p.vcpu, "tid": p.tid, "cpu": p.cpu, "fifo_priority": p.priority}
             for p in placed

@@ -51,7 +51,7 @@ def status_and_body(answer: bytes) -> tuple[str, bytes]:
     ],
 )
 def test_responses(request_line: bytes, status: str, body: bytes) -> None:
-    answer = httpd.respond(request_line + b"\r\nHost: x\r\n\r\n", ROUTES)
+    answer = trio.run(httpd.respond, request_line + b"\r\nHost: x\r\n\r\n", ROUTES)
     assert status_and_body(answer) == (status, body)
     if not request_line.startswith(b"HEAD"):
         assert f"\r\nContent-Length: {len(body)}\r\n".encode() in answer
@@ -84,3 +84,12 @@ async def test_served_on_the_loopback(monkeypatch: pytest.MonkeyPatch) -> None:
         ("HTTP/1.1 200 OK", b"ok\n"),
         ("HTTP/1.1 503 Service Unavailable", b"not yet\n"),
     ]
+
+
+def test_a_route_that_must_ask_someone_is_awaited() -> None:
+    async def asks() -> httpd.Reply:
+        await trio.sleep(0)
+        return 200, "asked\n"
+
+    answer = trio.run(httpd.respond, b"GET /metrics HTTP/1.1\r\n\r\n", {"/metrics": asks})
+    assert status_and_body(answer) == ("HTTP/1.1 200 OK", b"asked\n")

@@ -3,6 +3,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from runner import kube
 from runner.node import layout
@@ -178,6 +180,21 @@ def test_paths_as_a_private_cgroup_namespace_sees_them() -> None:
     assert kube.view(root, root) == "/"
     assert kube.view(root + "/sub", root) == "/sub"
     assert kube.view("/instances/float", "/") == "/instances/float"
+
+
+SEGMENT = st.text(alphabet="abcXYZ019-_.:@", min_size=1, max_size=12).filter(
+    lambda x: x not in (".", "..")
+)
+CGROUP = st.lists(SEGMENT, max_size=5).map(lambda parts: "/" + "/".join(parts))
+
+
+@given(path=CGROUP, root=CGROUP)
+def test_a_path_seen_from_a_namespace_names_the_same_cgroup_on_the_node(
+    path: str, root: str
+) -> None:
+    """What a pod in a private cgroup namespace reads in /proc is turned back into the node's
+    name for it (inspect from inside the pod shows the node's paths)."""
+    assert kube.on_node(kube.view(path, root), root) == path
 
 
 def test_a_pod_known_by_the_uid_it_is_told() -> None:

@@ -4,14 +4,16 @@ and parsed back by its own parser; /proc and PSI texts parsed as the kernel writ
 from __future__ import annotations
 
 import pytest
+import trio
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from runner import httpd
-from runner.node import procfs
+from runner.node import cgroupfs, procfs
+from runner.node.cgroupfs import Pressure
 from runner.run import metrics
-from runner.run.metrics import Pressure, Sample, VcpuSample
+from runner.run.metrics import Sample, VcpuSample
 
 SAMPLE = Sample(
     name="vm",
@@ -24,10 +26,7 @@ SAMPLE = Sample(
         VcpuSample(1, 3, run_ns=1_000_000_000, delay_ns=0, involuntary=0, placed=False),
     ),
     pressure={"instance": Pressure(250, 100), "float": Pressure(1_000_000, None)},
-    repins=1,
-    drifts=2,
-    moved_to_float=3,
-    evicted=5,
+    kept=([], 2, 1, 3, 5),
     orphans_reaped=4,
     restarts={"anchor": 1, "dnsmasq-vm0": 2},
     step_seconds={"anchor": 0.01, "pin": 0.02},
@@ -112,12 +111,12 @@ def test_unpinned_vcpus_have_an_empty_cpu_label() -> None:
     ],
 )
 def test_pressure_files(text: str, expected: Pressure) -> None:
-    assert metrics.parse_pressure(text) == expected
+    assert cgroupfs.parse_pressure(text) == expected
 
 
 def test_a_pressure_file_without_totals_is_refused() -> None:
     with pytest.raises(ValueError, match="no 'some"):
-        metrics.parse_pressure("")
+        cgroupfs.parse_pressure("")
 
 
 def test_health_fails_on_a_dead_or_silent_monitor() -> None:
@@ -150,13 +149,13 @@ def test_a_failing_route_answers_500_and_the_listener_stays() -> None:
     def broken() -> httpd.Reply:
         raise RuntimeError("bug")
 
-    answer = httpd.respond(b"GET /metrics HTTP/1.1\r\n\r\n", {"/metrics": broken})
+    answer = trio.run(httpd.respond, b"GET /metrics HTTP/1.1\r\n\r\n", {"/metrics": broken})
     assert answer.startswith(b"HTTP/1.1 500 ")
 
 
 def test_a_route_names_its_content_type() -> None:
     routes: dict[str, httpd.Route] = {"/metrics": lambda: (200, "a 1\n", "text/x; v=1")}
-    answer = httpd.respond(b"GET /metrics HTTP/1.1\r\n\r\n", routes)
+    answer = trio.run(httpd.respond, b"GET /metrics HTTP/1.1\r\n\r\n", routes)
     assert b"Content-Type: text/x; v=1\r\n" in answer and answer.endswith(b"\r\n\r\na 1\n")
 
 

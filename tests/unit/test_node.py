@@ -14,7 +14,7 @@ import pytest
 import trio
 
 from runner import cpus, kube
-from runner.node.cgroupfs import CgroupFS
+from runner.node.cgroupfs import CgroupError, CgroupFS, pressures
 from runner.node.floatkeeper import FloatKeeper, FloatUnknown, float_target
 from runner.node.kubelet import Unknown, read_state
 from runner.node.layout import Instance, Layout, stale
@@ -229,3 +229,21 @@ async def test_verification_goes_on_after_a_read_error(
     with trio.move_on_after(0.3) as scope:
         await keeper.keep(0.01)
     assert scope.cancelled_caught, "verification stopped at the first read error"
+
+
+def test_a_cgroup_outside_the_namespace_view_is_never_read_below_the_mount(
+    tmp_path: Path,
+) -> None:
+    """In a private cgroup namespace, float reads as "/../../instances/float": joined to the
+    mount it would name a file of the container's own filesystem."""
+    mount = tmp_path / "deep" / "cgroup"
+    (tmp_path / "instances" / "float").mkdir(parents=True)
+    (tmp_path / "instances" / "float" / "cpu.pressure").write_text("some total=1\n")
+    mount.mkdir(parents=True)
+    cg = CgroupFS(mount)
+    with pytest.raises(CgroupError, match="outside this cgroup namespace"):
+        cg.read("/../../instances/float", "cpu.pressure")
+    with pytest.raises(CgroupError, match="outside this cgroup namespace"):
+        cg.write("/../../instances/float", "cgroup.procs", "1")
+    assert not cg.exists("/../../instances/float")
+    assert pressures(cg, {"float": "/../../instances/float"}) == {}

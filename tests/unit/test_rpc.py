@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from runner import cpus, rpc
+from runner.node.cgroupfs import Pressure
 from runner.plan import Placed
 
 UID = "0a1b2c3d-1111-2222-3333-444455556666"
@@ -97,6 +98,16 @@ def code_of(result: rpc.Request | rpc.Response | rpc.Notification) -> int | None
         (
             b'{"jsonrpc":"2.0","method":"placeVcpus","id":1,"params":{"uuid":"u","qemu":3,'
             b'"anchor":2,"vcpus":[{"vcpu":0,"tid":5,"cpu":1,"policy":"fifo"}]}}',
+            rpc.INVALID_PARAMS,
+        ),
+        (b'{"jsonrpc":"2.0","method":"instanceStatus","id":1,"params":{}}', rpc.INVALID_PARAMS),
+        (
+            b'{"jsonrpc":"2.0","method":"instanceStatus","id":1,"params":{"uuid":7}}',
+            rpc.INVALID_PARAMS,
+        ),
+        (
+            b'{"jsonrpc":"2.0","method":"instanceStatus","id":1,'
+            b'"params":{"uuid":"u","cgroup":"/"}}',
             rpc.INVALID_PARAMS,
         ),
     ],
@@ -240,3 +251,20 @@ async def test_line_reader_refuses_oversized_lines() -> None:
     await send.send_all(b"x" * (rpc.MAX_MESSAGE + 10))
     with pytest.raises(ValueError, match="too large"):
         await rpc.LineReader(receive).readline()
+
+
+def test_status_round_trip() -> None:
+    """What a runner in a private cgroup namespace reads through the controller; "full" is
+    missing before 5.13 and kept counts before its vCPUs are placed."""
+    for result in (
+        rpc.StatusResult(
+            {"instance": Pressure(250, 100), "float": Pressure(7, None)},
+            rpc.KeptCounts(drifts=2, repins=1, moved_to_float=3, evicted=0),
+        ),
+        rpc.StatusResult({}, None),
+    ):
+        line = rpc.encode_response(rpc.Response(1, result=result))
+        assert rpc.decode_response(line, rpc.StatusResult, 1) == result
+    bad = b'{"jsonrpc":"2.0","id":1,"result":{"pressure":{"instance":{"some_us":"x"}}}}'
+    with pytest.raises(rpc.RPCError):
+        rpc.decode_response(bad, rpc.StatusResult, 1)

@@ -5,13 +5,16 @@ without isolation."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import time
 import urllib.error
 import urllib.request
+import uuid
 from pathlib import Path
+from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -19,6 +22,8 @@ from .conftest import CG, Node, wait_for
 from .pods import (
     FLOAT,
     INSTANCES,
+    RUNNER,
+    UNPRIVILEGED,
     Daemon,
     RunnerPod,
     assert_nothing_left,
@@ -134,7 +139,7 @@ def test_readyz_fails_before_cont_and_health_answers_during_start_up(
 
 
 def start_spinner(
-    node: Node, tmp: Path, address: str, *args: str, cpus: str = "1-2"
+    node: Node, tmp: Path, address: str, *args: str, cpus: str = "1-2", **pod: Any
 ) -> tuple[RunnerPod, dict]:
     spec = write_spec(tmp, vcpus=2, disks=[{"path": str(spinning_disk(tmp)), "format": "raw"}])
     rp = start_runner(
@@ -147,8 +152,23 @@ def start_spinner(
         "0",  # no OS to answer the power button
         *args,
         spec=spec,
+        **pod,
     )
     return rp, rp.wait_ready()
+
+
+def inspect_from_inside(rp: RunnerPod) -> subprocess.CompletedProcess[str]:
+    """In the pod's PID, mount and cgroup namespaces, as `kubectl exec` runs it (but left in
+    the node's root cgroup: the pod's cgroupfs is read-only, and it would be swept anyway)."""
+    return subprocess.run(
+        [
+            *("nsenter", "--target", str(rp.runner_pid()), "--pid", "--mount", "--cgroup"),
+            *("--root", "--", RUNNER, "inspect", "--json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def stop(rp: RunnerPod) -> str:
@@ -159,16 +179,33 @@ def stop(rp: RunnerPod) -> str:
 
 
 def test_a_running_instance_is_seen_whole(node: Node, tmp_path: Path) -> None:
-    """Controller mode: every metric of the runner with its labels, the counters moving when a
-    vCPU is moved behind the runner's back, and the controller's own metrics beside it."""
+    """Controller mode, as in production: an unprivileged pod in a cgroup namespace of its own
+    (containerd's default on cgroup v2), which cannot read the node's cgroups. Every metric
+    of the runner with its labels (what it cannot read, the controller reads for it), the
+    counters moving when a vCPU is moved behind the runner's back, the controller's own
+    metrics beside it, and inspect run from inside the pod."""
     daemon = Daemon(node, tmp_path)
     daemon.extra = ("--health-address", "127.0.0.1:9472")
     daemon.start()
     try:
         address = "127.0.0.1:9473"
+        uid = str(uuid.uuid4())
         rp, ready = start_spinner(
-            node, tmp_path, address, "--controller-socket", str(daemon.socket)
+            node,
+            tmp_path,
+            address,
+            *("--controller-socket", str(daemon.socket), "--pod-uid", uid),
+            uid=uid,
+            podsim=(*UNPRIVILEGED, "--cgroupns", "private"),
+            # The default, which inspect finds from inside the pod with no option.
+            default_run_dir=True,
+            run_dir=Path("/run/instance-runner") / uid,
         )
+        runner = rp.runner_pid()
+        assert os.stat(f"/proc/{runner}/ns/cgroup").st_ino != os.stat("/proc/self/ns/cgroup").st_ino
+        container = f"/{container_of(uid).relative_to(CG)}"
+        assert ready["cgroup_namespace_root"] == container
+        assert ready["instance_cgroup"].startswith("/..")  # as the runner sees it
         assert get(address, "/readyz") == (200, "ready\n")
         assert get(address, "/healthz") == (200, "ok\n")
         m = scrape(address)
@@ -190,8 +227,9 @@ def test_a_running_instance_is_seen_whole(node: Node, tmp_path: Path) -> None:
             assert {dict(k)["cgroup"] for k in m[name]} == {"instance", "float"}, name
         for name in ("instance_runner_orphans_reaped_total", "instance_runner_startup_seconds"):
             assert () in m[name], name
-        # In controller mode the controller keeps the vCPUs placed: it counts, by pod.
-        assert "instance_runner_vcpu_repins_total" not in m
+        # In controller mode the controller keeps the vCPUs placed: it counts, by pod, and
+        # tells the runner at each scrape.
+        assert m["instance_runner_vcpu_repins_total"] == {(): 0}
         ctl = "127.0.0.1:9472"
         pod = (("pod_uid", rp.pod.uid),)
         pod_from = {k: tuple(sorted(pod + v)) for k, v in (("c", CONTAINER), ("i", INSTANCE))}
@@ -214,6 +252,9 @@ def test_a_running_instance_is_seen_whole(node: Node, tmp_path: Path) -> None:
             what="the repin to be counted",
         )
         assert scrape(ctl)["instance_runner_controller_vcpu_drifts_total"][pod] >= 1
+        m = scrape(address)
+        assert m["instance_runner_vcpu_repins_total"][()] >= 1
+        assert m["instance_runner_vcpu_drifts_total"][()] >= 1
         wait_for(
             lambda: set(scrape(address)["instance_runner_vcpu_placement_ok"].values()) == {1},
             timeout=10,
@@ -249,12 +290,28 @@ def test_a_running_instance_is_seen_whole(node: Node, tmp_path: Path) -> None:
         assert task_cgroup(qemu, io) == "/instances/float"
         assert not os.sched_getaffinity(io) & set(pinned.values())
 
+        # inspect from inside the pod: its own instance, every cgroup by the node's name.
+        r = inspect_from_inside(rp)
+        assert r.returncode == 0, r.stdout + r.stderr
+        (got,) = json.loads(r.stdout)["instances"]
+        assert got["ok"] and (got["pod_uid"], got["seen_from"]) == (uid, "pod")
+        assert got["instance_cgroup"] == f"/instances/instance-{uid}"
+        assert got["float_cgroup"] == "/instances/float"
+        assert got["container_cgroup"] == container and got["runner_pid"] == 1
+        vcpus = [t for t in got["threads"] if t["role"] == "vcpu"]
+        assert {t["vcpu"]: int(t["allowed_cpus"]) for t in vcpus} == pinned
+        assert {t["cgroup"] for t in vcpus} == {f"/instances/instance-{uid}"}
+        assert {t["cgroup"] for t in got["threads"] if t["role"] == "qemu-main"} == {
+            "/instances/float"
+        }
+
         c = scrape("127.0.0.1:9472")
         requests = {
             (dict(k)["method"], dict(k)["result"]): v
             for k, v in c["instance_runner_controller_requests_total"].items()
         }
         assert requests[("registerCgroup", "ok")] >= 1
+        assert requests[("instanceStatus", "ok")] >= 1
         assert c["instance_runner_controller_instances"][()] == 1
         float_now = (FLOAT / "cpuset.cpus.effective").read_text().strip()
         assert float_now == "0,3" and c["instance_runner_controller_float_cpus"][()] == 2
