@@ -28,6 +28,7 @@ pytestmark = [
     ),
 ]
 _names = itertools.count()
+CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_SYS_NICE = 12, 21, 23
 
 
 @pytest.fixture(scope="session")
@@ -70,7 +71,9 @@ class Netns:
         path.write_text(json.dumps(doc))
         return path
 
-    def start(self, spec: Path, *args: str) -> subprocess.Popen[bytes]:
+    def start(
+        self, spec: Path, *args: str, prefix: tuple[str, ...] = ()
+    ) -> subprocess.Popen[bytes]:
         self.out = self.tmp / "stdout"
         self.err = self.tmp / "stderr"
         self.proc = subprocess.Popen(
@@ -79,6 +82,7 @@ class Netns:
                 "netns",
                 "exec",
                 self.name,
+                *prefix,
                 sys.executable,
                 "-m",
                 "runner.cli",
@@ -186,7 +190,29 @@ def netns(tmp_path: Path, guest_image: Path) -> Iterator[Netns]:
         subprocess.run(["ip", "netns", "del", name], check=True)
 
 
-def test_lease_share_console_and_clean_power_off(netns: Netns) -> None:
+# What an unprivileged VM pod runs with (deploy/example-vm.yaml): containerd's default
+# capabilities plus NET_ADMIN for the tap, and no way to gain more (no_new_privs).
+UNPRIVILEGED = (
+    "setpriv",
+    "--no-new-privs",
+    "--inh-caps=-all",
+    "--bounding-set=-all,"
+    + ",".join(
+        "+" + c
+        for c in (
+            *("chown", "dac_override", "fsetid", "fowner", "mknod", "net_raw", "setgid"),
+            *("setuid", "setfcap", "setpcap", "net_bind_service", "sys_chroot", "kill"),
+            *("audit_write", "net_admin"),
+        )
+    ),
+    "--",
+)
+
+
+@pytest.mark.parametrize("prefix", [(), UNPRIVILEGED], ids=["privileged", "unprivileged"])
+def test_lease_share_console_and_clean_power_off(netns: Netns, prefix: tuple[str, ...]) -> None:
+    """The whole plumbing, also with only the capabilities an unprivileged VM pod has: the
+    lease, the read-write share (virtiofsd sandboxed in a chroot), the console, power-off."""
     disk = netns.tmp / "data.raw"
     with open(disk, "wb") as f:
         f.truncate(4 << 20)
@@ -196,9 +222,19 @@ def test_lease_share_console_and_clean_power_off(netns: Netns) -> None:
             "guest.write=ip.txt",
             disks=[{"path": str(disk), "read_only": True}],
             console={"stdout": True, "log_file": str(console_log)},
-        )
+        ),
+        prefix=prefix,
     )
     ready = netns.wait_console("GUEST-READY")
+    if prefix:  # ip netns exec and setpriv exec: the runner is the process we started
+        assert netns.proc is not None
+        status = Path(f"/proc/{netns.proc.pid}/status").read_text()
+        fields = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
+        caps = int(fields["CapEff"], 16)
+        assert not caps & (1 << CAP_SYS_ADMIN | 1 << CAP_SYS_NICE) and caps & 1 << CAP_NET_ADMIN
+        assert fields["NoNewPrivs"].strip() == "1"
+        argv = Path(f"/proc/{netns.process('virtiofsd')}/cmdline").read_bytes().split(b"\0")
+        assert b"sandbox=chroot" in b" ".join(argv)
     # Exactly the leased address; the gateway the runner gave the tap answers pings.
     assert ready == "[e2e] GUEST-READY ip=10.0.2.15 gw=10.0.2.1 ping=ok read=hello from the host"
     assert (netns.share / "ip.txt").read_text() == "10.0.2.15\n"  # read-write share
