@@ -222,11 +222,12 @@ def virtiofsd_argv(
     binary: str,
     flavour: Literal["c", "rust"],
     sandbox: Literal["namespace", "chroot"] = "namespace",
+    mounted_read_only: bool = False,
 ) -> list[str]:
     """virtiofsd for one share. The C daemon (Debian's) has no read-only mode, so a read-only
-    share is served from a read-only bind mount of the source in a private mount namespace.
-    `sandbox`: chroot where making namespaces is not allowed (no CAP_SYS_ADMIN: a pod that is
-    not privileged)."""
+    share is served from a read-only bind mount of the source in a private mount namespace,
+    unless the source is on a read-only mount already (`mounted_read_only`). `sandbox`: chroot
+    where making namespaces is not allowed (no CAP_SYS_ADMIN: a pod that is not privileged)."""
     if flavour == "rust":
         argv = [
             binary,
@@ -245,7 +246,7 @@ def virtiofsd_argv(
         f"cache={share.cache}",
         *(["-o", "sandbox=chroot"] if sandbox == "chroot" else []),
     ]
-    if not share.read_only:
+    if not share.read_only or mounted_read_only:
         return argv
     return [
         "unshare",

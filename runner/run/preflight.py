@@ -45,6 +45,9 @@ class Prepared:
     virtiofsd_flavour: Literal["c", "rust"]
     isolation: Isolation | None  # None: --isolation off
     virtiofsd_sandbox: Literal["namespace", "chroot"] = "namespace"  # chroot: no SYS_ADMIN
+    # Read-only shares whose source is on a read-only mount already (a volume mounted with
+    # readOnly: true): served as they are, with no bind mount of ours.
+    read_only_sources: frozenset[str] = frozenset()
 
     @property
     def iso(self) -> Isolation:
@@ -105,6 +108,9 @@ def preflight(o: Options) -> Prepared:
         virtiofsd=virtiofsd,
         virtiofsd_flavour=flavour,
         virtiofsd_sandbox="namespace" if has_capability(CAP_SYS_ADMIN) else "chroot",
+        read_only_sources=frozenset(
+            s.source for s in the_spec.shares if s.read_only and on_read_only_mount(s.source)
+        ),
         isolation=isolation,
     )
     if isolation is None:
@@ -271,12 +277,13 @@ def check_guest_resources(the_spec: spec.InstanceSpec, inherited: frozenset[int]
     for share in the_spec.shares:
         if not Path(share.source).is_dir():
             raise StartupError(f"share {share.tag}: {share.source} is not a directory")
-    read_only = [share for share in the_spec.shares if share.read_only]
-    if read_only and not has_capability(CAP_SYS_ADMIN):
+    to_bind = [s for s in the_spec.shares if s.read_only and not on_read_only_mount(s.source)]
+    if to_bind and not has_capability(CAP_SYS_ADMIN):
         raise StartupError(
-            f"share {read_only[0].tag}: a read-only share is served from a read-only bind "
-            "mount in a mount namespace of its own, which needs CAP_SYS_ADMIN, and this "
-            "container lacks it (a VM pod that is not privileged can have read-write shares)"
+            f"share {to_bind[0].tag}: read-only, but {to_bind[0].source} is on a writable "
+            "mount, and making it read-only takes a bind mount in a mount namespace of its "
+            "own (CAP_SYS_ADMIN, which this container lacks): mount the volume into the "
+            "container read-only (volumeMounts readOnly: true)"
         )
     boot = the_spec.kernel_boot
     for path in (boot.kernel, boot.initrd) if boot else ():
@@ -285,6 +292,13 @@ def check_guest_resources(the_spec: spec.InstanceSpec, inherited: frozenset[int]
 
 
 CAP_SYS_ADMIN = 21
+
+
+def on_read_only_mount(path: str) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
 
 
 def has_capability(cap: int) -> bool:

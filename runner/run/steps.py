@@ -234,7 +234,12 @@ async def plumb(s: Startup) -> None:
     for i, share in enumerate(the_spec.shares):
         path = str(s.pre.run_dir / f"virtiofs-{i}.sock")
         argv = virtiofsd_argv(
-            share, path, s.pre.virtiofsd, s.pre.virtiofsd_flavour, s.pre.virtiofsd_sandbox
+            share,
+            path,
+            s.pre.virtiofsd,
+            s.pre.virtiofsd_flavour,
+            s.pre.virtiofsd_sandbox,
+            share.source in s.pre.read_only_sources,
         )
         name = f"virtiofsd-{share.tag}"
         try:

@@ -254,12 +254,30 @@ def test_lease_share_console_and_clean_power_off(netns: Netns, prefix: tuple[str
     netns.assert_nothing_left()
 
 
-def test_read_only_share_is_enforced(netns: Netns) -> None:
+def read_only_volume(source: Path) -> tuple[str, ...]:
+    """What kubelet makes of a volume mounted with readOnly: true: a read-only bind mount of
+    it in the container's mount namespace, made before the container's process runs."""
+    return (
+        *("unshare", "--mount", "--propagation", "private", "--", "sh", "-c"),
+        'mount --bind -o ro "$0" "$0" && exec "$@"',
+        str(source),
+    )
+
+
+@pytest.mark.parametrize(
+    "unprivileged", [False, True], ids=["privileged", "unprivileged-read-only-volume"]
+)
+def test_read_only_share_is_enforced(netns: Netns, unprivileged: bool) -> None:
+    """Privileged: the runner bind-mounts the source read-only for virtiofsd. Unprivileged:
+    it cannot (no CAP_SYS_ADMIN: `unshare --mount` would fail, and with it the start), and
+    serves a source the pod has on a read-only mount as it is."""
     spec = netns.spec(
         "guest.write=ip.txt",
         shares=[{"source": str(netns.share), "tag": "data", "read_only": True}],
     )
-    netns.start(spec)
+    netns.start(
+        spec, prefix=(*read_only_volume(netns.share), *UNPRIVILEGED) if unprivileged else ()
+    )
     line = netns.wait_console("GUEST-ERROR")
     assert "cannot write ip.txt" in line
     assert not (netns.share / "ip.txt").exists()

@@ -83,3 +83,18 @@ def test_virtiofsd_sandboxes_with_chroot_where_namespaces_are_not_allowed() -> N
     assert "sandbox=chroot" not in virtiofsd_argv(one, "/run/s.sock", "virtiofsd", "c")
     rust = virtiofsd_argv(one, "/run/s.sock", "virtiofsd", "rust", "chroot")
     assert "--sandbox=chroot" in rust
+
+
+def test_a_read_only_share_on_a_read_only_mount_needs_no_bind_mount() -> None:
+    """A volume mounted readOnly into the pod: the C daemon serves it as it is, which a pod
+    without CAP_SYS_ADMIN can do (chroot sandbox)."""
+    s = spec.load(
+        '{"name": "v", "vcpus": 1, "memory_mib": 64,'
+        ' "shares": [{"source": "/srv", "tag": "d", "read_only": true}]}'
+    )
+    (one,) = s.shares
+    bound = virtiofsd_argv(one, "/run/s.sock", "virtiofsd", "c")
+    assert bound[:2] == ["unshare", "--mount"] and "mount --bind -o ro" in " ".join(bound)
+    as_is = virtiofsd_argv(one, "/run/s.sock", "virtiofsd", "c", "chroot", mounted_read_only=True)
+    assert as_is[0] == "virtiofsd" and as_is[-2:] == ["-o", "sandbox=chroot"]
+    assert "--readonly" in virtiofsd_argv(one, "/run/s.sock", "virtiofsd", "rust", "chroot", True)

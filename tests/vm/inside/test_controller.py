@@ -25,6 +25,7 @@ from .pods import (
     assert_placed,
     capabilities,
     cgroupfs_read_only,
+    comm,
     container_of,
     cpu_list,
     error_lines,
@@ -505,13 +506,19 @@ def test_an_unprivileged_pod_cannot_reach_another(
     assert_nothing_left(attacker.uid)
 
 
+@pytest.mark.parametrize("read_only", [False, True], ids=["read-write", "read-only-volume"])
 def test_an_unprivileged_pod_serves_a_share_from_a_chroot_sandbox(
-    node: Node, tmp_path: Path, daemon: Daemon
+    node: Node, tmp_path: Path, daemon: Daemon, read_only: bool
 ) -> None:
-    """virtiofsd cannot make namespaces without CAP_SYS_ADMIN: it sandboxes in a chroot."""
+    """virtiofsd cannot make namespaces without CAP_SYS_ADMIN: it sandboxes in a chroot. A
+    read-only share is served when the pod has its source on a read-only mount (a volume
+    mounted with readOnly: true), with no bind mount of the runner's."""
     share = tmp_path / "share"
     share.mkdir()
-    spec = write_spec(tmp_path, vcpus=2, shares=[{"source": str(share), "tag": "data"}])
+    spec = write_spec(
+        tmp_path, vcpus=2, shares=[{"source": str(share), "tag": "data", "read_only": read_only}]
+    )
+    volume = ("--read-only-path", str(share)) if read_only else ()
     rp = start_runner(
         node,
         tmp_path,
@@ -519,7 +526,7 @@ def test_an_unprivileged_pod_serves_a_share_from_a_chroot_sandbox(
         "--controller-socket",
         str(daemon.socket),
         spec=spec,
-        podsim=UNPRIVILEGED,
+        podsim=(*UNPRIVILEGED, *volume),
         run_dir=Path(f"/run/rw-{os.getpid()}"),
     )
     rp.wait_ready()
@@ -527,6 +534,12 @@ def test_an_unprivileged_pod_serves_a_share_from_a_chroot_sandbox(
     virtiofsd = pod_process(rp, "virtiofsd")
     assert "sandbox=chroot" in Path(f"/proc/{virtiofsd}/cmdline").read_bytes().decode()
     assert task_cgroup(virtiofsd, virtiofsd) == "/instances/float"
+    assert comm(int(Path(f"/proc/{virtiofsd}/stat").read_text().rsplit(")", 1)[1].split()[1])) == (
+        "instance-runner"
+    )  # its parent: no unshare and mount wrapper of ours
+    # The source as virtiofsd sees it: its root, chrooted there in the pod's mount namespace.
+    writable = os.statvfs(f"/proc/{virtiofsd}/root").f_flag & os.ST_RDONLY == 0
+    assert writable is not read_only
     assert_placed(runner, rp.pod.uid, {1, 2}, {0, 1, 2, 3})
     assert rp.pod.terminate() == 0
     assert_nothing_left(rp.pod.uid)
@@ -537,9 +550,10 @@ def test_an_unprivileged_pod_with_a_read_only_share_is_refused_in_one_line(
     node: Node, tmp_path: Path, daemon: Daemon, fault: Fault
 ) -> None:
     fault.declare(
-        "a read-only share asked of a VM pod that is not privileged (its bind mount needs "
-        "SYS_ADMIN)",
-        "exit 1 with one line naming CAP_SYS_ADMIN, before anything runs; nothing left",
+        "a read-only share on a writable mount asked of a VM pod that is not privileged "
+        "(making it read-only takes a bind mount, which needs SYS_ADMIN)",
+        "exit 1 with one line naming CAP_SYS_ADMIN and readOnly, before anything runs; "
+        "nothing left",
     )
     share = tmp_path / "share"
     share.mkdir()
@@ -560,6 +574,7 @@ def test_an_unprivileged_pod_with_a_read_only_share_is_refused_in_one_line(
     fault.saw(f"exit {code}: {error['error'][:90]}")
     assert code == 1, err
     assert error["event"] == "startup-failed" and "CAP_SYS_ADMIN" in error["error"]
+    assert "readOnly: true" in error["error"]
     assert not events(err, "qemu-started")
     assert_nothing_left(rp.pod.uid)
     assert sorted(p.name for p in INSTANCES.iterdir() if p.is_dir()) == ["float"]
