@@ -9,6 +9,7 @@ import signal
 import stat
 import subprocess
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +80,9 @@ def start_runner(
     run_dir = run_dir or tmp / "run"
     spec = spec or write_spec(tmp, vcpus=len(cpu_list(cpus)))
     where = [] if default_run_dir else ["--run-dir", str(run_dir)]
+    if "--cgroupns" in podsim and podsim[podsim.index("--cgroupns") + 1] == "private":
+        uid = uid or str(uuid.uuid4())
+        where += ["--pod-uid", uid]  # its cgroup, "/" in its namespace, names no pod
     cmd = [
         *wrap,
         *prefix,
@@ -351,9 +355,12 @@ class Daemon:
         return answer
 
 
-# A VM pod in controller mode is not privileged: the host's cgroupfs is read-only in it, and it
-# has the container runtime's default capabilities only (none of SYS_ADMIN, SYS_NICE).
+# A container that is not privileged: the host's cgroupfs is read-only in it, and it has the
+# container runtime's default capabilities only (none of SYS_ADMIN, SYS_NICE).
 UNPRIVILEGED = ("--grace", "30", "--unprivileged")
+# A VM pod in controller mode, as containerd makes it on cgroup v2: also in a cgroup namespace
+# of its own, so it is told its pod UID (the Downward API's metadata.uid).
+UNPRIVILEGED_POD = (*UNPRIVILEGED, "--cgroupns", "private")
 
 
 def capabilities(pid: int) -> int:
@@ -389,7 +396,7 @@ def start(node: Node, tmp: Path, daemon: Daemon, cpus: str, name: str) -> Runner
         "--controller-timeout",
         "20",
         spec=spec,
-        podsim=UNPRIVILEGED,
+        podsim=UNPRIVILEGED_POD,
     )
 
 

@@ -14,12 +14,15 @@ from pathlib import Path
 
 import pytest
 
+from runner import kube
+
 from .conftest import CG, Fault, Node, wait_for
 from .pods import (
     INSTANCES,
     PROBE,
     RUNNER,
     UNPRIVILEGED,
+    UNPRIVILEGED_POD,
     Daemon,
     assert_nothing_left,
     assert_placed,
@@ -61,7 +64,10 @@ def test_two_pods_register_concurrently_and_float_follows_kubelet(
         tids = [int(t) for t in (instance / "cgroup.threads").read_text().split()]
         assert len(tids) == len(cpus)
         assert set().union(*(os.sched_getaffinity(t) for t in tids)) == cpus
-        assert ready["instance_cgroup"] == f"/instances/instance-{pod.pod.uid}"
+        # As the runner sees it, in its own cgroup namespace, and as the node names it.
+        seen, root = ready["instance_cgroup"], ready["cgroup_namespace_root"]
+        assert root == f"/{container_of(pod.pod.uid).relative_to(CG)}"
+        assert kube.on_node(seen, root) == f"/instances/instance-{pod.pod.uid}" != seen
 
     # podsim rewrites cpu_manager_state when pod a ends; float must follow within a second.
     state_file = node.kubelet / "cpu_manager_state"
@@ -391,6 +397,11 @@ def test_an_unprivileged_pod_is_placed_and_kept_by_the_controller(
     runner = pod.runner_pid()
     assert cgroupfs_read_only(runner)
     assert not capabilities(runner) & (1 << CAP_SYS_ADMIN | 1 << CAP_SYS_NICE)
+    # A cgroup namespace of its own, rooted at its container cgroup.
+    assert (
+        Path(f"/proc/{runner}/ns/cgroup").stat().st_ino
+        != Path("/proc/self/ns/cgroup").stat().st_ino
+    )
     anchor = assert_placed(runner, pod.pod.uid, {1, 2}, {0, 1, 2, 3})
     log = [json.loads(x) for x in daemon.log.read_text().splitlines() if x.startswith("{")]
     moved = [(e["pid"], e["to"]) for e in log if e["event"] == "tenant-process-moved"]
@@ -526,7 +537,7 @@ def test_an_unprivileged_pod_serves_a_share_from_a_chroot_sandbox(
         "--controller-socket",
         str(daemon.socket),
         spec=spec,
-        podsim=(*UNPRIVILEGED, *volume),
+        podsim=(*UNPRIVILEGED_POD, *volume),
         run_dir=Path(f"/run/rw-{os.getpid()}"),
     )
     rp.wait_ready()
@@ -567,7 +578,7 @@ def test_an_unprivileged_pod_with_a_read_only_share_is_refused_in_one_line(
         "--controller-socket",
         str(daemon.socket),
         spec=spec,
-        podsim=UNPRIVILEGED,
+        podsim=UNPRIVILEGED_POD,
     )
     code, err = rp.finish()
     (error,) = error_lines(err)

@@ -22,7 +22,7 @@ from .conftest import Fault, Node, wait_for
 from .pods import (
     FLOAT,
     INSTANCES,
-    UNPRIVILEGED,
+    UNPRIVILEGED_POD,
     Daemon,
     RunnerPod,
     comm,
@@ -210,7 +210,7 @@ def test_controller_accepts_the_vm_container_beside_others(
         "--controller-timeout",
         "20",
         uid=uid,
-        podsim=UNPRIVILEGED,
+        podsim=UNPRIVILEGED_POD,
     )
     ready = rp.wait_ready()
     entries = node.state()["entries"][uid]
@@ -275,7 +275,7 @@ def test_connection_reset_is_retried_like_an_absent_controller(
         str(dropping_socket),
         "--controller-timeout",
         "3",
-        podsim=UNPRIVILEGED,
+        podsim=UNPRIVILEGED_POD,
     )
     code, err = rp.finish()
     fault.saw(f"exit {code}")
