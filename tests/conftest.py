@@ -1,8 +1,10 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
+import yaml
 from hypothesis import settings
 
 # Property tests share the machine with test VMs (two workers, two cores): a per-example
@@ -28,3 +30,17 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         return 2
 
     items.sort(key=rank)  # stable: the order within a rank is the collection order
+
+
+@pytest.fixture(scope="session")
+def vm_pod_capabilities() -> list[str]:
+    """Exactly the capabilities deploy/example-vm.yaml gives the VM pod, which drops every
+    other one; the tests that play an unprivileged VM pod give it these and no more."""
+    manifest = Path(__file__).resolve().parents[1] / "deploy" / "example-vm.yaml"
+    for doc in yaml.safe_load_all(manifest.read_text()):
+        if doc and doc["kind"] == "Pod":
+            (container,) = doc["spec"]["containers"]
+            caps = container["securityContext"]["capabilities"]
+            assert caps["drop"] == ["ALL"]
+            return [c.lower() for c in caps["add"]]
+    raise AssertionError(f"no Pod in {manifest}")

@@ -190,29 +190,26 @@ def netns(tmp_path: Path, guest_image: Path) -> Iterator[Netns]:
         subprocess.run(["ip", "netns", "del", name], check=True)
 
 
-# What an unprivileged VM pod runs with (deploy/example-vm.yaml): containerd's default
-# capabilities plus NET_ADMIN for the tap, and no way to gain more (no_new_privs).
-UNPRIVILEGED = (
-    "setpriv",
-    "--no-new-privs",
-    "--inh-caps=-all",
-    "--bounding-set=-all,"
-    + ",".join(
-        "+" + c
-        for c in (
-            *("chown", "dac_override", "fsetid", "fowner", "mknod", "net_raw", "setgid"),
-            *("setuid", "setfcap", "setpcap", "net_bind_service", "sys_chroot", "kill"),
-            *("audit_write", "net_admin"),
-        )
-    ),
-    "--",
-)
+def unprivileged(capabilities: list[str]) -> tuple[str, ...]:
+    """Run as an unprivileged VM pod: only these capabilities (the example pod's), and no way
+    to gain more (no_new_privs)."""
+    return (
+        "setpriv",
+        "--no-new-privs",
+        "--inh-caps=-all",
+        "--bounding-set=-all," + ",".join("+" + c for c in capabilities),
+        "--",
+    )
 
 
-@pytest.mark.parametrize("prefix", [(), UNPRIVILEGED], ids=["privileged", "unprivileged"])
-def test_lease_share_console_and_clean_power_off(netns: Netns, prefix: tuple[str, ...]) -> None:
-    """The whole plumbing, also with only the capabilities an unprivileged VM pod has: the
-    lease, the read-write share (virtiofsd sandboxed in a chroot), the console, power-off."""
+@pytest.mark.parametrize("as_pod", [False, True], ids=["privileged", "unprivileged"])
+def test_lease_share_console_and_clean_power_off(
+    netns: Netns, as_pod: bool, vm_pod_capabilities: list[str]
+) -> None:
+    """The whole plumbing, also with exactly the capabilities of the example VM pod (each is
+    needed: without any one of them this fails): the lease, the read-write share (virtiofsd
+    sandboxed in a chroot), the console, power-off."""
+    prefix = unprivileged(vm_pod_capabilities) if as_pod else ()
     disk = netns.tmp / "data.raw"
     with open(disk, "wb") as f:
         f.truncate(4 << 20)
@@ -265,9 +262,11 @@ def read_only_volume(source: Path) -> tuple[str, ...]:
 
 
 @pytest.mark.parametrize(
-    "unprivileged", [False, True], ids=["privileged", "unprivileged-read-only-volume"]
+    "as_pod", [False, True], ids=["privileged", "unprivileged-read-only-volume"]
 )
-def test_read_only_share_is_enforced(netns: Netns, unprivileged: bool) -> None:
+def test_read_only_share_is_enforced(
+    netns: Netns, as_pod: bool, vm_pod_capabilities: list[str]
+) -> None:
     """Privileged: the runner bind-mounts the source read-only for virtiofsd. Unprivileged:
     it cannot (no CAP_SYS_ADMIN: `unshare --mount` would fail, and with it the start), and
     serves a source the pod has on a read-only mount as it is."""
@@ -275,9 +274,8 @@ def test_read_only_share_is_enforced(netns: Netns, unprivileged: bool) -> None:
         "guest.write=ip.txt",
         shares=[{"source": str(netns.share), "tag": "data", "read_only": True}],
     )
-    netns.start(
-        spec, prefix=(*read_only_volume(netns.share), *UNPRIVILEGED) if unprivileged else ()
-    )
+    as_is = (*read_only_volume(netns.share), *unprivileged(vm_pod_capabilities))
+    netns.start(spec, prefix=as_is if as_pod else ())
     line = netns.wait_console("GUEST-ERROR")
     assert "cannot write ip.txt" in line
     assert not (netns.share / "ip.txt").exists()

@@ -155,7 +155,16 @@ def test_example_vm_pod_is_not_privileged() -> None:
     pod, c = container("Pod", "example-vm")
     sc = c["securityContext"]
     assert sc["privileged"] is False and sc["allowPrivilegeEscalation"] is False
-    assert sc["capabilities"]["add"] == ["NET_ADMIN"]
+    # Every capability dropped but those a spec with NICs and shares needs; the plumbing's
+    # end-to-end tests run with exactly these (tests/e2e/test_plumbing.py).
+    assert sc["capabilities"]["drop"] == ["ALL"]
+    assert sorted(sc["capabilities"]["add"]) == sorted(
+        [
+            *("NET_ADMIN", "KILL", "NET_RAW", "NET_BIND_SERVICE", "SETUID", "SETGID"),
+            *("CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "MKNOD", "SETFCAP"),
+            *("SETPCAP", "SYS_CHROOT"),
+        ]
+    )
     assert not pod.get("hostPID") and not pod.get("hostNetwork")
     assert all("hostPath" not in v or v["hostPath"]["type"] == "Directory" for v in pod["volumes"])
     assert not any(m["mountPath"].startswith(("/sys", "/dev")) for m in c["volumeMounts"])

@@ -96,8 +96,9 @@ def podman() -> Iterator[Podman]:
 class Cluster:
     """The node's controller pod (a DaemonSet's: burstable, hostPID) and its socket."""
 
-    def __init__(self, node: Node, tmp: Path, podman: Podman) -> None:
+    def __init__(self, node: Node, tmp: Path, podman: Podman, pod_capabilities: list[str]) -> None:
         self.node, self.tmp, self.podman = node, tmp, podman
+        self.pod_capabilities = pod_capabilities  # deploy/example-vm.yaml's, and no other
         self.sockets = Path(f"/run/irn-{os.getpid()}")  # short: it holds a Unix socket
         self.sockets.mkdir()
         self.socket = self.sockets / "controller.sock"
@@ -151,12 +152,18 @@ class Cluster:
         (work / "spec" / "spec.json").write_text(json.dumps(spec))
         name = f"vm-{uid[:8]}"
         # Privileged: the host's cgroup namespace. Not privileged (controller mode): a private
-        # one, the cgroupfs read-only, podman's default capabilities; the pod is named by the
-        # Downward API's metadata.uid, as the manifest does.
+        # one, the cgroupfs read-only, the example pod's capabilities alone, no way to gain
+        # more; the pod is named by the Downward API's metadata.uid, as the manifest does.
         security = (
             ["--privileged", "--cgroupns=host"]
             if privileged
-            else ["--cgroupns=private", f"--env=INSTANCE_RUNNER_POD_UID={uid}"]
+            else [
+                "--cgroupns=private",
+                "--security-opt=no-new-privileges",
+                "--cap-drop=all",
+                *(f"--cap-add={c}" for c in self.pod_capabilities),
+                f"--env=INSTANCE_RUNNER_POD_UID={uid}",
+            ]
         )
         argv = self.podman.run_argv(
             name,
@@ -218,10 +225,12 @@ def nothing_left(uid: str, sockets: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def cluster(podman: Podman, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+def cluster(
+    podman: Podman, tmp_path_factory: pytest.TempPathFactory, vm_pod_capabilities: list[str]
+) -> Iterator[Cluster]:
     tmp = tmp_path_factory.mktemp("cluster")
     node = Node(tmp)
-    c = Cluster(node, tmp, podman)
+    c = Cluster(node, tmp, podman, vm_pod_capabilities)
     c.start_controller()
     yield c
     for pod in node.pods:
@@ -265,12 +274,14 @@ def test_vm_pod_is_pinned_and_stops_clean_with_podman_stop(cluster: Cluster) -> 
 
 def test_unprivileged_vm_pod_is_placed_by_the_controller(cluster: Cluster) -> None:
     """podman without --privileged: a private cgroup namespace, the cgroupfs read-only, the
-    default capabilities. The controller makes every write; the invariants hold from outside."""
+    example pod's capabilities alone. The controller makes every write; the invariants hold
+    from outside."""
     vm = cluster.start_vm_pod("1-2", privileged=False)
     ready = vm.wait_ready()
     runner = vm.pid1()
     assert cgroupfs_read_only(runner)
     assert not capabilities(runner) & (1 << 21 | 1 << 23)  # SYS_ADMIN, SYS_NICE
+    assert bin(capabilities(runner)).count("1") == len(cluster.pod_capabilities)
     # A cgroup namespace of its own, and in float as the node sees it.
     assert os.readlink(f"/proc/{runner}/ns/cgroup") != os.readlink("/proc/self/ns/cgroup")
     assert Path(f"/proc/{runner}/cgroup").read_text().strip() == "0::/instances/float"
@@ -301,13 +312,11 @@ def test_from_inside_an_unprivileged_vm_pod_another_is_out_of_reach(cluster: Clu
             if x.startswith("Tgid:")
         ).split()[1]
     )
-    # Into the pod's namespaces and root, as root with podman's default capabilities alone,
-    # as `podman exec` would put it. (podman exec itself cannot enter a container here: the
+    # Into the pod's namespaces and root, as root with the pod's capabilities alone, as
+    # `podman exec` would put it. (podman exec itself cannot enter a container here: the
     # test VM's init chroots into its root, so crun makes containers without pivot_root, and
     # its exec lands in the VM's initramfs.) The exec'd process would join the container
     # cgroup; the controller would move it to float: it is known by its PID namespace.
-    defaults = "chown,dac_override,fowner,fsetid,kill,net_bind_service,setfcap,setgid,setpcap,"
-    defaults += "setuid,sys_chroot"
     env = f"INSTANCE_RUNNER_POD_UID={attacker.pod.uid}"
     probe = subprocess.run(
         [
@@ -323,7 +332,7 @@ def test_from_inside_an_unprivileged_vm_pod_another_is_out_of_reach(cluster: Clu
             "env",
             env,
             "setpriv",
-            f"--bounding-set=-all,{','.join('+' + c for c in defaults.split(','))}",
+            f"--bounding-set=-all,{','.join('+' + c for c in cluster.pod_capabilities)}",
             "--inh-caps=-all",
             "--",
             "/opt/instance-runner/bin/python",
