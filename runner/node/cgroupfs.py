@@ -48,14 +48,11 @@ class CgroupFS:
         self.mount = Path(mount)
 
     def dir(self, cgroup: str) -> Path:
-        return self.mount / cgroup.lstrip("/")
-
-    def _file(self, cgroup: str, name: str) -> Path:
         # In a private cgroup namespace, cgroups outside it read as "/../..": never a path
         # below the mount.
         if ".." in cgroup.split("/"):
             raise CgroupError(f"{cgroup} is outside this cgroup namespace's view")
-        return self.dir(cgroup) / name
+        return self.mount / cgroup.lstrip("/")
 
     def relative(self, directory: str | Path) -> str:
         """The cgroup path of a directory below the mount ("/instances/float")."""
@@ -63,14 +60,14 @@ class CgroupFS:
         return "/" + str(rel) if str(rel) != "." else "/"
 
     def read(self, cgroup: str, name: str) -> str:
-        path = self._file(cgroup, name)
+        path = self.dir(cgroup) / name
         try:
             return path.read_text()
         except OSError as e:
             raise CgroupError(f"cannot read {path}: {e.strerror}") from None
 
     def write(self, cgroup: str, name: str, value: str) -> None:
-        path = self._file(cgroup, name)
+        path = self.dir(cgroup) / name
         try:
             # One write() per value: cgroupfs acts on each write separately.
             fd = os.open(path, os.O_WRONLY)
@@ -83,7 +80,10 @@ class CgroupFS:
             raise CgroupError(f"cannot write {value!r} to {path}: {e.strerror} ({name})") from None
 
     def exists(self, cgroup: str) -> bool:
-        return ".." not in cgroup.split("/") and self.dir(cgroup).is_dir()
+        try:
+            return self.dir(cgroup).is_dir()
+        except CgroupError:
+            return False
 
     def check_v2_cpuset(self) -> None:
         """Refuse hosts where cpuset is not on a cgroup v2 hierarchy at the mount."""

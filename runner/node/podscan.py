@@ -160,8 +160,11 @@ def with_container(
 def own_run_dir(base: str) -> Path | None:
     """Inside a VM pod: its runner's run dir, <base>/<pod uid>. The pod is read from this
     process's cgroup or, when the runner has swept it to float already, from the anchor's
-    (only when /proc's PID 1 is the runner, so that /proc is the pod's own). None on the
-    node: no pod, or a pod without a ready file that is not the runner's (the controller's)."""
+    (only when /proc's PID 1 is the runner, so that /proc is the pod's own). In a cgroup
+    namespace of its own the pod's cgroup is "/" and names no pod: then the one run dir
+    under <base> with a ready file (the pod's /run holds its own runner's only). None on the
+    node: no pod, or a pod without a ready file that is not the runner's (the controller's).
+    Raises ScanError inside a VM pod whose run dir cannot be told."""
     uid = None
     try:
         uid = _pod_uid(procfs.cgroup_of(Path("/proc/self/cgroup").read_text()))
@@ -181,7 +184,12 @@ def own_run_dir(base: str) -> Path | None:
         # A private cgroup namespace hides the pod's cgroup; the pod's own /run holds only
         # its own runner's run dir.
         found = [d for d in _subdirs(Path(base)) if (d / "ready").exists()]
-        return found[0] if len(found) == 1 else None
+        if len(found) != 1:
+            raise ScanError(
+                f"inside a VM pod, but {len(found)} ready files under {base}: the instance is "
+                "not running yet" + (", or give --run-dir" if found else "")
+            )
+        return found[0]
     if uid is None:
         return None
     run_dir = Path(base) / uid

@@ -318,7 +318,7 @@ class FromController:
                 rpc.StatusResult,
                 timeout=STATUS_DEADLINE,
             )
-        except (OSError, rpc.RPCError, trio.TooSlowError) as e:
+        except (OSError, ValueError, rpc.RPCError, trio.TooSlowError) as e:
             if not self.status_failing:
                 log.warning("status-unavailable", error=str(e) or type(e).__name__)
             self.status_failing = True

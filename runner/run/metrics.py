@@ -7,11 +7,12 @@ kernel's own (schedstat, cpu.pressure), so a scrape interval changes nothing but
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING
 
 import attrs
 
+from runner import rpc
 from runner.node.cgroupfs import Pressure
 
 if TYPE_CHECKING:
@@ -60,6 +61,25 @@ class Sample:
     restarts: Mapping[str, int] = attrs.Factory(dict)  # child -> restarts
     step_seconds: Mapping[str, float] = attrs.Factory(dict)
     running_after: float | None = None
+
+
+def instance_view(
+    runner_keeps: bool,
+    own: Kept,
+    local: Callable[[], Mapping[str, Pressure]],
+    remote: rpc.StatusResult | None,
+) -> tuple[dict[str, Pressure], Kept | None]:
+    """cpu.pressure and the keeping counts for a sample. What the controller read for us
+    comes first (in a private cgroup namespace we can read neither cgroup); `local` is read
+    only without it. The counts are our keeper's when we keep the vCPUs, else the
+    controller's, or None when it did not say."""
+    pressure = dict(remote.pressure) if remote is not None else dict(local())
+    if runner_keeps:
+        return pressure, own
+    if remote is None or remote.kept is None:
+        return pressure, None
+    k = remote.kept
+    return pressure, ([], k.drifts, k.repins, k.moved_to_float, k.evicted)
 
 
 def families(s: Sample) -> Iterator[Metric]:

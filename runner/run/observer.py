@@ -14,7 +14,7 @@ from runner.node import procfs
 from runner.node.cgroupfs import pressures
 from runner.plan import in_place
 from runner.run import metrics
-from runner.run.metrics import Kept, Sample, VcpuSample
+from runner.run.metrics import Sample, VcpuSample
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
@@ -75,24 +75,18 @@ def sample(s: Startup, remote: rpc.StatusResult | None = None) -> Sample:
     """`remote`: what the controller read for us (controller mode), where the runner, in a
     private cgroup namespace, cannot read the node's cgroups; and what its keeper did."""
     iso = s.pre.isolation
-    keeper = s.keeper
-    if iso is None or s.cgroups is None:
-        pressure = {}
-    elif remote is not None:
-        pressure = dict(remote.pressure)
-    else:
-        pressure = pressures(iso.cg, {"instance": s.cgroups.instance, "float": s.cgroups.float})
-    if iso is None or iso.source.keeps:
-        kept: Kept | None = (
-            ([], keeper.drifts, keeper.repins, keeper.moved_to_float, keeper.evicted)
-            if keeper
-            else ([], 0, 0, 0, 0)
-        )
-    elif remote is not None and remote.kept is not None:
-        k = remote.kept
-        kept = ([], k.drifts, k.repins, k.moved_to_float, k.evicted)
-    else:
-        kept = None  # the controller keeps them, and did not say (or has not placed them yet)
+    k = s.keeper
+    cg = s.cgroups
+    pressure, kept = metrics.instance_view(
+        iso is None or iso.source.keeps,
+        ([], k.drifts, k.repins, k.moved_to_float, k.evicted) if k else ([], 0, 0, 0, 0),
+        lambda: (
+            pressures(iso.cg, {"instance": cg.instance, "float": cg.float})
+            if iso is not None and cg is not None
+            else {}
+        ),
+        remote,
+    )
     return Sample(
         name=s.pre.spec.name,
         pod_uid=iso.pod.pod_uid if iso else "",

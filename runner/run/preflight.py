@@ -83,6 +83,8 @@ def preflight(o: Options) -> Prepared:
                 f"dnsmasq binary {o.dnsmasq!r} not found (needed by the spec's tap nics)"
             )
     virtiofsd, flavour = find_virtiofsd(o.virtiofsd) if the_spec.shares else ("", "c")
+    can_bind = has_capability(CAP_SYS_ADMIN)
+    as_mounted = read_only_as_mounted(the_spec, flavour, can_bind)
     host = read_host() if o.isolation == "on" or the_spec.devices else None
     if the_spec.devices:
         assert host is not None
@@ -107,10 +109,8 @@ def preflight(o: Options) -> Prepared:
         dnsmasq=dnsmasq,
         virtiofsd=virtiofsd,
         virtiofsd_flavour=flavour,
-        virtiofsd_sandbox="namespace" if has_capability(CAP_SYS_ADMIN) else "chroot",
-        read_only_sources=frozenset(
-            s.source for s in the_spec.shares if s.read_only and on_read_only_mount(s.source)
-        ),
+        virtiofsd_sandbox="namespace" if can_bind else "chroot",
+        read_only_sources=as_mounted,
         isolation=isolation,
     )
     if isolation is None:
@@ -277,14 +277,6 @@ def check_guest_resources(the_spec: spec.InstanceSpec, inherited: frozenset[int]
     for share in the_spec.shares:
         if not Path(share.source).is_dir():
             raise StartupError(f"share {share.tag}: {share.source} is not a directory")
-    to_bind = [s for s in the_spec.shares if s.read_only and not on_read_only_mount(s.source)]
-    if to_bind and not has_capability(CAP_SYS_ADMIN):
-        raise StartupError(
-            f"share {to_bind[0].tag}: read-only, but {to_bind[0].source} is on a writable "
-            "mount, and making it read-only takes a bind mount in a mount namespace of its "
-            "own (CAP_SYS_ADMIN, which this container lacks): mount the volume into the "
-            "container read-only (volumeMounts readOnly: true)"
-        )
     boot = the_spec.kernel_boot
     for path in (boot.kernel, boot.initrd) if boot else ():
         if path is not None and not Path(path).is_file():
@@ -294,11 +286,29 @@ def check_guest_resources(the_spec: spec.InstanceSpec, inherited: frozenset[int]
 CAP_SYS_ADMIN = 21
 
 
-def on_read_only_mount(path: str) -> bool:
-    try:
-        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
-    except OSError:
-        return False
+def read_only_as_mounted(
+    the_spec: spec.InstanceSpec, flavour: Literal["c", "rust"], can_bind: bool
+) -> frozenset[str]:
+    """The read-only shares the C virtiofsd (which has no read-only mode) can serve as they
+    are: no mount it would see there is writable (a volume mounted readOnly, with nothing
+    writable below it). The others need our read-only bind mount, which hides what is below
+    it but takes CAP_SYS_ADMIN; without it they are refused."""
+    if flavour == "rust":
+        return frozenset()  # --readonly
+    mountinfo = Path("/proc/self/mountinfo").read_text()
+    out = set()
+    for share in (s for s in the_spec.shares if s.read_only):
+        writable = mounts.writable_mounts(os.path.realpath(share.source), mountinfo)
+        if not writable:
+            out.add(share.source)
+        elif not can_bind:
+            raise StartupError(
+                f"share {share.tag}: read-only, but {writable[0]} is a writable mount there, "
+                "and making it read-only takes a bind mount in a mount namespace of its own "
+                "(CAP_SYS_ADMIN, which this container lacks): mount the volume into the "
+                "container read-only (volumeMounts readOnly: true), and nothing writable below it"
+            )
+    return frozenset(out)
 
 
 def has_capability(cap: int) -> bool:

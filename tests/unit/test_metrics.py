@@ -9,7 +9,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
-from runner import httpd
+from runner import httpd, rpc
 from runner.node import cgroupfs, procfs
 from runner.node.cgroupfs import Pressure
 from runner.run import metrics
@@ -186,3 +186,28 @@ def test_schedstat_and_status() -> None:
     assert status["nonvoluntary_ctxt_switches"] == "9"
     assert procfs.cgroup_of("0::/instances/float\n") == "/instances/float"
     assert procfs.cgroup_of("1:cpuset:/\n") == ""
+
+
+def test_what_the_controller_read_comes_first_and_counts_are_whoever_keeps() -> None:
+    own: metrics.Kept = ([], 1, 1, 0, 0)
+    local = {"instance": Pressure(5, 5)}
+    remote = rpc.StatusResult(
+        {"instance": Pressure(7, None), "float": Pressure(9, 1)},
+        rpc.KeptCounts(drifts=3, repins=2, moved_to_float=4, evicted=1),
+    )
+
+    def never() -> dict[str, Pressure]:
+        raise AssertionError("read locally although the controller answered")
+
+    # Embedded: our keeper's counts, and our own reading.
+    assert metrics.instance_view(True, own, lambda: local, None) == (local, own)
+    # Controller mode: its reading and its counts, and ours not read at all.
+    assert metrics.instance_view(False, own, never, remote) == (
+        dict(remote.pressure),
+        ([], 3, 2, 4, 1),
+    )
+    # It did not answer: our reading if we have one, and no counts rather than ours (zeros).
+    assert metrics.instance_view(False, own, lambda: local, None) == (local, None)
+    # It answered before placing the vCPUs: no counts yet.
+    early = rpc.StatusResult({}, None)
+    assert metrics.instance_view(False, own, never, early) == ({}, None)

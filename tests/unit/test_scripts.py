@@ -149,6 +149,9 @@ INPUT_REFUSALS = [
     (["--cpus", "1", "--container-name", "sidecar-"], "is not a container name"),
     (["--qos", "burstable", "--keep-entry"], "--keep-entry is only for Guaranteed pods"),
     (["--cpus", "1", "--"], "missing CMD"),
+    (["--cpus", "1", "--oci", "--cgroupns", "private"], "are the runtime's to give with --oci"),
+    (["--cpus", "1", "--oci", "--read-only-path", "/srv"], "are the runtime's to give with --oci"),
+    (["--cpus", "1", "--cgroupns", "own"], "invalid choice"),
 ]
 
 

@@ -117,6 +117,7 @@ def tenant(path: str, victim: str, qemu: int, vcpu_tid: int) -> None:
         "own registration": "skipped" if exec_d else ask("registerCgroup", {**own, "cpuset": mine}),
         "register the victim's CPUs": ask("registerCgroup", {"uuid": victim, "cpuset": "1-2"}),
         "move for the victim": ask("moveProcess", {"uuid": victim, "pid": 1, "to": "float"}),
+        "read the victim's status": ask("instanceStatus", {"uuid": victim}),
         "move the victim's QEMU": ask("moveProcess", {**own, "pid": qemu, "to": "float"}),
         "move the victim's QEMU back": ask("moveProcess", {**own, "pid": qemu, "to": "container"}),
         "place the victim's vCPU": ask(

@@ -359,7 +359,12 @@ def test_from_inside_an_unprivileged_vm_pod_another_is_out_of_reach(cluster: Clu
         assert answers[case] in ("ENOENT", "EROFS"), (case, answers[case])
     assert answers["write the victim's vCPU into our container"] == "EROFS"
     assert answers["pin the victim's vCPU"] == "ESRCH"
-    for case in ("register the victim's CPUs", "move for the victim", "move the victim's QEMU"):
+    for case in (
+        "register the victim's CPUs",
+        "move for the victim",
+        "read the victim's status",
+        "move the victim's QEMU",
+    ):
         assert answers[case]["error"]["code"] == -32001, (case, answers[case])
     # Its own vCPUs are placed already: a placement is refused before anything is looked up.
     for case in ("place the victim's vCPU", "place the victim's QEMU", "place on the victim's CPU"):

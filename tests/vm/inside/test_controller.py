@@ -454,7 +454,8 @@ def test_an_unprivileged_pod_cannot_reach_another(
 ) -> None:
     fault.declare(
         "from inside an unprivileged pod: host cgroup writes, another pod's threads, CPUs, TIDs",
-        "every write fails (EROFS, ESRCH); every request is refused (-32001); the victim runs on",
+        "every write fails (EROFS, ESRCH); every request is refused (-32001), a read of the "
+        "victim's status too; the victim runs on",
     )
     victim = start(node, tmp_path, daemon, "1-2", "v")
     ready = victim.wait_ready()
@@ -489,6 +490,7 @@ def test_an_unprivileged_pod_cannot_reach_another(
     refused = [
         "register the victim's CPUs",
         "move for the victim",
+        "read the victim's status",
         "move the victim's QEMU",
         "move the victim's QEMU back",
         "place the victim's vCPU",
@@ -499,7 +501,7 @@ def test_an_unprivileged_pod_cannot_reach_another(
         assert answers[case]["error"]["code"] == -32001, (case, answers[case])
     assert answers["own deregistration"]["result"] == {"removed": True}
     fault.saw(
-        "EROFS x3, ESRCH, -32001 x7: "
+        "EROFS x3, ESRCH, -32001 x8: "
         + "; ".join(answers[c]["error"]["message"][:50] for c in refused[1:3])
     )
     refusals = [
@@ -508,6 +510,7 @@ def test_an_unprivileged_pod_cannot_reach_another(
         if '"event": "request-refused"' in x
     ]
     assert refusals.count("moveProcess") == 3 and refusals.count("placeVcpus") == 3
+    assert refusals.count("instanceStatus") == 1
     assert "registerCgroup" in refusals
     # The victim saw none of it.
     assert assert_placed(runner, victim.pod.uid, {1, 2}, {0, 1, 2, 3})
