@@ -323,6 +323,28 @@ def test_read_only_share_is_enforced(
     netns.assert_nothing_left()
 
 
+def test_a_writable_mount_below_a_read_only_share_is_refused_without_sys_admin(
+    netns: Netns, vm_pod_capabilities: list[str]
+) -> None:
+    """A read-only volume with a writable one mounted inside it: served as it is, the guest
+    could write there. An unprivileged pod cannot hide it with a bind mount: one line."""
+    (netns.share / "scratch").mkdir()
+    volumes = (
+        *("unshare", "--mount", "--propagation", "private", "--", "sh", "-c"),
+        'mount --bind -o ro "$0" "$0" && mount -t tmpfs scratch "$0/scratch" && exec "$@"',
+        str(netns.share),
+    )
+    spec = netns.spec(shares=[{"source": str(netns.share), "tag": "data", "read_only": True}])
+    netns.start(spec, prefix=(*volumes, *unprivileged(vm_pod_capabilities)))
+    assert netns.finish(sig=None) == 1
+    (error,) = [e for e in netns.logs() if e["level"] == "error"]
+    assert error["event"] == "startup-failed"
+    assert f"{os.path.realpath(netns.share)}/scratch is a writable mount" in error["error"]
+    assert "readOnly: true" in error["error"]
+    assert not any(e["event"] == "qemu-started" for e in netns.logs())
+    netns.assert_nothing_left()
+
+
 def test_killed_dnsmasq_is_restarted_and_the_guest_runs_on(netns: Netns) -> None:
     netns.start(netns.spec())
     netns.wait_console("GUEST-READY")
