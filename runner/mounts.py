@@ -8,15 +8,22 @@ import re
 _OCTAL = re.compile(r"\\([0-7]{3})")
 
 
-def mount_points(mountinfo: str) -> set[str]:
-    """Every mount point in a mountinfo text (field 5, with the kernel's octal escapes for
-    space, tab, newline and backslash undone)."""
-    points = set()
+def _options(mountinfo: str) -> dict[str, list[str]]:
+    """Each mount point (field 5, with the kernel's octal escapes for space, tab, newline and
+    backslash undone) and its mount options (field 6). Where mounts are stacked on one point,
+    the last listed is the one seen."""
+    options: dict[str, list[str]] = {}
     for line in mountinfo.splitlines():
         fields = line.split(" ")
-        if len(fields) > 4:
-            points.add(_OCTAL.sub(lambda m: chr(int(m.group(1), 8)), fields[4]))
-    return points
+        if len(fields) > 5:
+            point = _OCTAL.sub(lambda m: chr(int(m.group(1), 8)), fields[4])
+            options[point] = fields[5].split(",")
+    return options
+
+
+def mount_points(mountinfo: str) -> set[str]:
+    """Every mount point in a mountinfo text."""
+    return set(_options(mountinfo))
 
 
 def is_file_mount(path: str, mountinfo: str) -> bool:
@@ -29,13 +36,8 @@ def is_file_mount(path: str, mountinfo: str) -> bool:
 def writable_mounts(path: str, mountinfo: str) -> list[str]:
     """The mount points through which `path` can be written: the mount it is on, when that
     is read-write, and every read-write mount below it. `path` must be resolved (no
-    symlinks). Where mounts are stacked on one point, the last listed is the one seen."""
-    options: dict[str, list[str]] = {}
-    for line in mountinfo.splitlines():
-        fields = line.split(" ")
-        if len(fields) > 5:
-            point = _OCTAL.sub(lambda m: chr(int(m.group(1), 8)), fields[4])
-            options[point] = fields[5].split(",")
+    symlinks)."""
+    options = _options(mountinfo)
     path = os.path.normpath(path)
     holding = max(
         (p for p in options if path == p or path.startswith(p.rstrip("/") + "/")),

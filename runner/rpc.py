@@ -14,6 +14,7 @@ import attrs
 import trio
 
 from runner.node.cgroupfs import Pressure
+from runner.node.pinning import KeptCounts
 from runner.plan import Placed
 from runner.spec import converter as strict_converter
 from runner.spec import describe
@@ -122,16 +123,6 @@ class PlaceResult:
 @attrs.frozen
 class StatusParams:
     uuid: str
-
-
-@attrs.frozen
-class KeptCounts:
-    """What keeping the caller's vCPUs placed has done since the controller started."""
-
-    drifts: int
-    repins: int
-    moved_to_float: int  # processes, out of the container cgroup
-    evicted: int  # threads that were no vCPU, out of the instance cgroup
 
 
 @attrs.frozen

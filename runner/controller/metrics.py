@@ -61,7 +61,7 @@ class Held:
         self.connections = connections
         self.stale_removed = stale_removed
         self.kernel_threads_moved = kernel_threads_moved
-        self.kept = kept  # per pod whose vCPUs it keeps: [pod uid], drifts, repins, moves
+        self.kept = kept  # per pod whose vCPUs it keeps: [pod uid] and its counts
 
 
 class ControllerMetrics:

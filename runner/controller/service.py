@@ -268,7 +268,7 @@ class Service:
             pressures(
                 self.cg, {"instance": self.layout.instance(p.uuid), "float": self.layout.float}
             ),
-            rpc.KeptCounts(k.drifts, k.repins, k.moved_to_float, k.evicted) if k else None,
+            k.counts() if k else None,
         )
 
     async def list_instances(self, _peer: Peer, _p: object) -> rpc.ListResult:

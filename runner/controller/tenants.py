@@ -119,7 +119,7 @@ class Tenants:
     def kept(self) -> list[Kept]:
         """What each pod's keeper did, for /metrics."""
         return [
-            ([uuid], k.drifts, k.repins, k.moved_to_float, k.evicted)
+            ([uuid], k.counts())
             for uuid, t in sorted(self.by_uuid.items())
             if (k := t.keeper) is not None
         ]

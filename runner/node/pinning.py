@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import attrs
 import trio
 
 from runner import cpus
@@ -94,6 +95,16 @@ def move_to_float(cg: CgroupFS, float_cg: str, float_cpus: cpus.CpuSet, pid: int
             os.sched_setaffinity(int(task), float_cpus)
 
 
+@attrs.frozen
+class KeptCounts:
+    """What keeping an instance's vCPUs placed has done (by one keeper, since it started)."""
+
+    drifts: int = 0
+    repins: int = 0
+    moved_to_float: int = 0  # processes, out of the container cgroup
+    evicted: int = 0  # threads that were no vCPU, out of the instance cgroup
+
+
 class Keeper:
     """Continuous verification while the guest runs."""
 
@@ -120,6 +131,9 @@ class Keeper:
         self.evicted = 0  # threads out of the instance cgroup that were no vCPU
         self.last_round = time.monotonic()  # when a round of checks last finished
         self._failing: str | None = None
+
+    def counts(self) -> KeptCounts:
+        return KeptCounts(self.drifts, self.repins, self.moved_to_float, self.evicted)
 
     async def keep(self, interval: float) -> None:
         if interval <= 0 or not self.placed:

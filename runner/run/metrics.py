@@ -14,6 +14,7 @@ import attrs
 
 from runner import rpc
 from runner.node.cgroupfs import Pressure
+from runner.node.pinning import KeptCounts
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
@@ -32,7 +33,7 @@ GUEST_STATES = (
 )
 
 
-Kept = tuple[list[str], int, int, int, int]  # label values, drifts, repins, moved, evicted
+Kept = tuple[list[str], KeptCounts]  # label values, counts
 
 
 @attrs.frozen
@@ -56,7 +57,7 @@ class Sample:
     pressure: Mapping[str, Pressure] = attrs.Factory(dict)  # "instance" / "float" -> totals
     # What keeping the vCPUs placed did: the runner's keeper, or the controller's for this
     # pod; None when the controller did not say.
-    kept: Kept | None = attrs.Factory(lambda: ([], 0, 0, 0, 0))
+    kept: KeptCounts | None = attrs.Factory(KeptCounts)
     orphans_reaped: int = 0
     restarts: Mapping[str, int] = attrs.Factory(dict)  # child -> restarts
     step_seconds: Mapping[str, float] = attrs.Factory(dict)
@@ -65,10 +66,10 @@ class Sample:
 
 def instance_view(
     runner_keeps: bool,
-    own: Kept,
+    own: KeptCounts,
     local: Callable[[], Mapping[str, Pressure]],
     remote: rpc.StatusResult | None,
-) -> tuple[dict[str, Pressure], Kept | None]:
+) -> tuple[dict[str, Pressure], KeptCounts | None]:
     """cpu.pressure and the keeping counts for a sample. What the controller read for us
     comes first (in a private cgroup namespace we can read neither cgroup); `local` is read
     only without it. The counts are our keeper's when we keep the vCPUs, else the
@@ -76,10 +77,7 @@ def instance_view(
     pressure = dict(remote.pressure) if remote is not None else dict(local())
     if runner_keeps:
         return pressure, own
-    if remote is None or remote.kept is None:
-        return pressure, None
-    k = remote.kept
-    return pressure, ([], k.drifts, k.repins, k.moved_to_float, k.evicted)
+    return pressure, remote.kept if remote is not None else None
 
 
 def families(s: Sample) -> Iterator[Metric]:
@@ -94,6 +92,18 @@ def families(s: Sample) -> Iterator[Metric]:
     )
     info.add_metric([s.name, s.pod_uid, s.isolation, s.mode], 1)
     yield info
+    yield from _vcpu_families(s.vcpus)
+    yield from _pressure_families(s.pressure)
+    yield CounterMetricFamily(
+        PREFIX + "orphans_reaped", "Orphaned processes reaped as PID 1.", value=s.orphans_reaped
+    )
+    if s.kept is not None:
+        yield from keeping(PREFIX, [], [([], s.kept)])
+    yield from _lifecycle_families(s)
+
+
+def _vcpu_families(vcpus: tuple[VcpuSample, ...]) -> Iterator[Metric]:
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
     labels = ["vcpu", "cpu"]
     delay = CounterMetricFamily(
@@ -116,13 +126,17 @@ def families(s: Sample) -> Iterator[Metric]:
         "alone, else 0.",
         labels=labels,
     )
-    for v in s.vcpus:
+    for v in vcpus:
         key = [str(v.vcpu), "" if v.cpu is None else str(v.cpu)]
         delay.add_metric(key, v.delay_ns / 1e9)
         ran.add_metric(key, v.run_ns / 1e9)
         involuntary.add_metric(key, v.involuntary)
         placed.add_metric(key, 1 if v.placed else 0)
     yield from (delay, ran, involuntary, placed)
+
+
+def _pressure_families(pressure: Mapping[str, Pressure]) -> Iterator[Metric]:
+    from prometheus_client.core import CounterMetricFamily
 
     waiting = CounterMetricFamily(
         PREFIX + "cpu_pressure_waiting_seconds",
@@ -134,17 +148,16 @@ def families(s: Sample) -> Iterator[Metric]:
         "cpu.pressure 'full' of the cgroup: time all of its runnable tasks waited at once.",
         labels=["cgroup"],
     )
-    for cgroup, p in sorted(s.pressure.items()):
+    for cgroup, p in sorted(pressure.items()):
         waiting.add_metric([cgroup], p.some_us / 1e6)
         if p.full_us is not None:
             stalled.add_metric([cgroup], p.full_us / 1e6)
     yield from (waiting, stalled)
 
-    yield CounterMetricFamily(
-        PREFIX + "orphans_reaped", "Orphaned processes reaped as PID 1.", value=s.orphans_reaped
-    )
-    if s.kept is not None:
-        yield from keeping(PREFIX, [], [s.kept])
+
+def _lifecycle_families(s: Sample) -> Iterator[Metric]:
+    """Helper restarts, start-up timings and the guest's state."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
     restarts = CounterMetricFamily(
         PREFIX + "child_restarts",
@@ -226,9 +239,9 @@ def keeping(prefix: str, labels: list[str], rows: list[Kept]) -> Iterator[Metric
         "probes), threads that were no vCPU from the instance cgroup.",
         labels=[*labels, "from"],
     )
-    for values, drifted, repinned, moved_out, evicted in rows:
-        drifts.add_metric(values, drifted)
-        repins.add_metric(values, repinned)
-        moved.add_metric([*values, "container"], moved_out)
-        moved.add_metric([*values, "instance"], evicted)
+    for values, c in rows:
+        drifts.add_metric(values, c.drifts)
+        repins.add_metric(values, c.repins)
+        moved.add_metric([*values, "container"], c.moved_to_float)
+        moved.add_metric([*values, "instance"], c.evicted)
     yield from (drifts, repins, moved)

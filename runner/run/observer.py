@@ -12,6 +12,7 @@ from runner import httpd, rpc
 from runner.log import log
 from runner.node import procfs
 from runner.node.cgroupfs import pressures
+from runner.node.pinning import KeptCounts
 from runner.plan import in_place
 from runner.run import metrics
 from runner.run.metrics import Sample, VcpuSample
@@ -79,7 +80,7 @@ def sample(s: Startup, remote: rpc.StatusResult | None = None) -> Sample:
     cg = s.cgroups
     pressure, kept = metrics.instance_view(
         iso is None or iso.source.keeps,
-        ([], k.drifts, k.repins, k.moved_to_float, k.evicted) if k else ([], 0, 0, 0, 0),
+        k.counts() if k else KeptCounts(),
         lambda: (
             pressures(iso.cg, {"instance": cg.instance, "float": cg.float})
             if iso is not None and cg is not None

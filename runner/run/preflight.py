@@ -35,19 +35,26 @@ class Isolation:
 
 
 @attrs.frozen
+class ShareServer:
+    """How virtiofsd serves the spec's shares."""
+
+    binary: str  # "" when there are no shares
+    flavour: Literal["c", "rust"] = "c"
+    sandbox: Literal["namespace", "chroot"] = "namespace"  # chroot: no CAP_SYS_ADMIN
+    # Read-only shares with nothing writable mounted there or below (a volume mounted
+    # readOnly): served as they are, with no bind mount of ours.
+    as_mounted: frozenset[str] = frozenset()
+
+
+@attrs.frozen
 class Prepared:
     spec: spec.InstanceSpec
     accel: Literal["kvm", "tcg"]
     run_dir: Path
     boots_os: bool  # a kernel or a disk: something that can answer the power button
     dnsmasq: str  # "" when no nic needs it
-    virtiofsd: str  # "" when there are no shares
-    virtiofsd_flavour: Literal["c", "rust"]
+    shares: ShareServer
     isolation: Isolation | None  # None: --isolation off
-    virtiofsd_sandbox: Literal["namespace", "chroot"] = "namespace"  # chroot: no SYS_ADMIN
-    # Read-only shares whose source is on a read-only mount already (a volume mounted with
-    # readOnly: true): served as they are, with no bind mount of ours.
-    read_only_sources: frozenset[str] = frozenset()
 
     @property
     def iso(self) -> Isolation:
@@ -82,9 +89,7 @@ def preflight(o: Options) -> Prepared:
             raise StartupError(
                 f"dnsmasq binary {o.dnsmasq!r} not found (needed by the spec's tap nics)"
             )
-    virtiofsd, flavour = find_virtiofsd(o.virtiofsd) if the_spec.shares else ("", "c")
-    can_bind = has_capability(CAP_SYS_ADMIN)
-    as_mounted = read_only_as_mounted(the_spec, flavour, can_bind)
+    shares = share_server(the_spec, o.virtiofsd)
     host = read_host() if o.isolation == "on" or the_spec.devices else None
     if the_spec.devices:
         assert host is not None
@@ -107,10 +112,7 @@ def preflight(o: Options) -> Prepared:
         run_dir=run_dir,
         boots_os=the_spec.kernel_boot is not None or bool(the_spec.disks),
         dnsmasq=dnsmasq,
-        virtiofsd=virtiofsd,
-        virtiofsd_flavour=flavour,
-        virtiofsd_sandbox="namespace" if can_bind else "chroot",
-        read_only_sources=as_mounted,
+        shares=shares,
         isolation=isolation,
     )
     if isolation is None:
@@ -284,6 +286,19 @@ def check_guest_resources(the_spec: spec.InstanceSpec, inherited: frozenset[int]
 
 
 CAP_SYS_ADMIN = 21
+
+
+def share_server(the_spec: spec.InstanceSpec, wanted: str | None) -> ShareServer:
+    if not the_spec.shares:
+        return ShareServer("")
+    binary, flavour = find_virtiofsd(wanted)
+    can_bind = has_capability(CAP_SYS_ADMIN)
+    return ShareServer(
+        binary,
+        flavour,
+        "namespace" if can_bind else "chroot",
+        read_only_as_mounted(the_spec, flavour, can_bind),
+    )
 
 
 def read_only_as_mounted(

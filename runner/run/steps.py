@@ -236,10 +236,10 @@ async def plumb(s: Startup) -> None:
         argv = virtiofsd_argv(
             share,
             path,
-            s.pre.virtiofsd,
-            s.pre.virtiofsd_flavour,
-            s.pre.virtiofsd_sandbox,
-            share.source in s.pre.read_only_sources,
+            s.pre.shares.binary,
+            s.pre.shares.flavour,
+            s.pre.shares.sandbox,
+            share.source in s.pre.shares.as_mounted,
         )
         name = f"virtiofsd-{share.tag}"
         try:

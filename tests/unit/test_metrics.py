@@ -12,6 +12,7 @@ from prometheus_client.registry import Collector
 from runner import httpd, rpc
 from runner.node import cgroupfs, procfs
 from runner.node.cgroupfs import Pressure
+from runner.node.pinning import KeptCounts
 from runner.run import metrics
 from runner.run.metrics import Sample, VcpuSample
 
@@ -26,7 +27,7 @@ SAMPLE = Sample(
         VcpuSample(1, 3, run_ns=1_000_000_000, delay_ns=0, involuntary=0, placed=False),
     ),
     pressure={"instance": Pressure(250, 100), "float": Pressure(1_000_000, None)},
-    kept=([], 2, 1, 3, 5),
+    kept=KeptCounts(drifts=2, repins=1, moved_to_float=3, evicted=5),
     orphans_reaped=4,
     restarts={"anchor": 1, "dnsmasq-vm0": 2},
     step_seconds={"anchor": 0.01, "pin": 0.02},
@@ -189,11 +190,11 @@ def test_schedstat_and_status() -> None:
 
 
 def test_what_the_controller_read_comes_first_and_counts_are_whoever_keeps() -> None:
-    own: metrics.Kept = ([], 1, 1, 0, 0)
+    own = KeptCounts(drifts=1, repins=1)
     local = {"instance": Pressure(5, 5)}
     remote = rpc.StatusResult(
         {"instance": Pressure(7, None), "float": Pressure(9, 1)},
-        rpc.KeptCounts(drifts=3, repins=2, moved_to_float=4, evicted=1),
+        KeptCounts(drifts=3, repins=2, moved_to_float=4, evicted=1),
     )
 
     def never() -> dict[str, Pressure]:
@@ -204,7 +205,7 @@ def test_what_the_controller_read_comes_first_and_counts_are_whoever_keeps() -> 
     # Controller mode: its reading and its counts, and ours not read at all.
     assert metrics.instance_view(False, own, never, remote) == (
         dict(remote.pressure),
-        ([], 3, 2, 4, 1),
+        KeptCounts(drifts=3, repins=2, moved_to_float=4, evicted=1),
     )
     # It did not answer: our reading if we have one, and no counts rather than ours (zeros).
     assert metrics.instance_view(False, own, lambda: local, None) == (local, None)

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from runner import cpus, rpc
 from runner.node.cgroupfs import Pressure
+from runner.node.pinning import KeptCounts
 from runner.plan import Placed
 
 UID = "0a1b2c3d-1111-2222-3333-444455556666"
@@ -259,7 +260,7 @@ def test_status_round_trip() -> None:
     for result in (
         rpc.StatusResult(
             {"instance": Pressure(250, 100), "float": Pressure(7, None)},
-            rpc.KeptCounts(drifts=2, repins=1, moved_to_float=3, evicted=0),
+            KeptCounts(drifts=2, repins=1, moved_to_float=3, evicted=0),
         ),
         rpc.StatusResult({}, None),
     ):
