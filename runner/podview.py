@@ -18,7 +18,7 @@ import attrs
 
 from runner import cpus, kube
 from runner.cpus import CpuSet
-from runner.node.procfs import ThreadView
+from runner.node.procfs import ThreadView, printable
 
 Role = Literal["vcpu", "qemu-main", "io-thread", "helper", "runner", "anchor", "inspect", "other"]
 
@@ -318,7 +318,8 @@ def table(report: Report) -> str:
 
 
 def tables(reports: Iterable[Report]) -> str:
-    return "\n\n".join(table(r) for r in reports)
+    # A thread names itself with any bytes: shown, never a reason for the terminal to fail.
+    return printable("\n\n".join(table(r) for r in reports))
 
 
 def document(reports: Iterable[Report]) -> dict[str, Any]:

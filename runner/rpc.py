@@ -21,6 +21,14 @@ from runner.spec import describe
 
 MAX_MESSAGE = 64 * 1024
 VERSION = "2.0"
+# What one request may hold once parsed, checked before any of it is structured: what the
+# decoder does for a caller is then bounded whatever the caller sends. Far above what a
+# runner sends (a list is a VM's vCPUs; a string a UID or a CPU list).
+MAX_ITEMS = 1024  # items in one list
+MAX_STRING = 8192  # characters in one string (a sparse CPU list of a big node)
+MAX_VALUES = 4096  # values in one request, nested ones counted
+MAX_DEPTH = 6
+MAX_TEXT = 200  # characters of an error message in a reply: it may quote the caller
 
 # Standard codes, then the controller's own (-32000 to -32099 are for the application).
 PARSE_ERROR = -32700
@@ -82,9 +90,11 @@ class ListResult:
 
 @attrs.frozen
 class HealthResult:
+    """The node's view for the node; to a pod, only whether the controller serves."""
+
     status: str
-    float_cpus: str
-    instances: int
+    float_cpus: str | None = None
+    instances: int | None = None
 
 
 @attrs.frozen
@@ -187,7 +197,40 @@ converter = strict_converter  # strict types, unknown keys refused: shared with 
 
 
 def error(id_: Id, code: int, message: str) -> Response:
-    return Response(id=id_, error=ErrorObject(code, message))
+    return Response(id=id_, error=ErrorObject(code, trim(message)))
+
+
+def trim(text: str, limit: int = MAX_TEXT) -> str:
+    """A caller's text cut to `limit` characters, for a reply or a log line."""
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def out_of_bounds(doc: object) -> str | None:
+    """Why a parsed request is too big to be looked at further, or None. Iterative: a
+    caller's nesting never reaches Python's recursion."""
+    stack: list[tuple[object, int]] = [(doc, 0)]
+    values = 0
+    while stack:
+        value, depth = stack.pop()
+        values += 1
+        if values > MAX_VALUES:
+            return f"more than {MAX_VALUES} values"
+        if depth > MAX_DEPTH:
+            return f"nested deeper than {MAX_DEPTH}"
+        if isinstance(value, str):
+            if len(value) > MAX_STRING:
+                return f"a string over {MAX_STRING} characters"
+        elif isinstance(value, list):
+            if len(value) > MAX_ITEMS:
+                return f"a list over {MAX_ITEMS} items"
+            stack.extend((v, depth + 1) for v in value)
+        elif isinstance(value, dict):
+            if len(value) > MAX_ITEMS:
+                return f"an object over {MAX_ITEMS} members"
+            for k, v in value.items():
+                stack.append((k, depth + 1))
+                stack.append((v, depth + 1))
+    return None
 
 
 @attrs.frozen
@@ -210,12 +253,14 @@ def decode_request(line: bytes) -> Request | Response | Notification:
         return error(None, INVALID_REQUEST, "invalid request: batches are not supported")
     if not isinstance(doc, dict):
         return error(None, INVALID_REQUEST, "invalid request: not a JSON object")
+    if (why := out_of_bounds(doc)) is not None:
+        return error(None, INVALID_REQUEST, f"invalid request: {why}")
     raw_id = doc.get("id")
     id_: Id = raw_id if type(raw_id) in (int, str) or raw_id is None else None
     if doc.get("jsonrpc") != VERSION:
         return error(id_, INVALID_REQUEST, 'invalid request: "jsonrpc" must be "2.0"')
     if "id" not in doc and isinstance(doc.get("method"), str):
-        return Notification(doc["method"])
+        return Notification(trim(doc["method"], 64))
     if type(raw_id) not in (int, str):
         return error(None, INVALID_REQUEST, "invalid request: id must be a string or integer")
     method = doc.get("method")

@@ -10,10 +10,10 @@ it marks the pod once the runner has left its container cgroup.
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import struct
-from pathlib import Path
 
 import attrs
 
@@ -31,6 +31,22 @@ class Peer:
     pod: PodCgroup | None  # None: not in a pod's container cgroup, or not provably so
     how: str
     pidns: int | None = None  # the inode of its PID namespace; None: not provably its own
+    uid: int | None = None
+    cgroup: str = ""  # its cgroup v2 path as the node names it ("" when not proven)
+
+    def on_node(self, own_ns: int, root: str) -> bool:
+        """A root process of the node itself, outside every pod: in the controller's PID
+        namespace, in no pod's container cgroup, and not in the cgroups the controller
+        makes for pods. The one caller that may see every pod."""
+        return (
+            self.uid == 0
+            and self.pod is None
+            and self.pidns is not None
+            and self.pidns == own_ns
+            and bool(self.cgroup)
+            and self.cgroup != root
+            and not self.cgroup.startswith(root.rstrip("/") + "/")
+        )
 
     @property
     def hidden(self) -> bool:
@@ -38,17 +54,23 @@ class Peer:
         return self.how == OUTSIDE_PID_NAMESPACE
 
 
-def peer_pid(sock: socket.socket) -> int:
+def peer_creds(sock: socket.socket) -> tuple[int, int]:
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    pid, _uid, _gid = struct.unpack("3i", creds)
-    return int(pid)
+    pid, uid, _gid = struct.unpack("3i", creds)
+    return int(pid), int(uid)
 
 
-def pod_of(pid: int) -> PodCgroup | None:
+def cgroup_of(pid: int) -> str:
     try:
-        text = Path(f"/proc/{pid}/cgroup").read_text()
-        return kube.parse_pod_cgroup(kube.own_cgroup_path(None, text))
-    except (OSError, ValueError):  # gone, not a pod, or a name that is not UTF-8
+        return procfs.cgroup(pid)
+    except OSError:
+        return ""
+
+
+def pod_of(cgroup: str) -> PodCgroup | None:
+    try:
+        return kube.parse_pod_cgroup(cgroup) if cgroup else None
+    except ValueError:  # not a pod's
         return None
 
 
@@ -59,27 +81,36 @@ def pid_namespace(pid: int) -> int | None:
         return None
 
 
+def lacks_peerpidfd(err: int | None) -> bool:
+    """Only a kernel without SO_PEERPIDFD (before 6.5) is identified by pid and start time;
+    any other failure is a peer that cannot be proven, and is refused."""
+    return err == errno.ENOPROTOOPT
+
+
 def identify(sock: socket.socket) -> Peer:
     try:
-        pid = peer_pid(sock)
+        pid, uid = peer_creds(sock)
     except OSError:
         return Peer(None, None, "no peer credentials")
     if pid <= 0:
         return Peer(None, None, OUTSIDE_PID_NAMESPACE)
     try:
         pidfd = sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD)
-    except OSError:
+    except OSError as e:
+        if not lacks_peerpidfd(e.errno):
+            # EINVAL on 6.5 to 6.15: the peer was reaped already. Its pid may be anyone's now.
+            return Peer(pid, None, f"peer gone ({errno.errorcode.get(e.errno or 0, e.errno)})")
         pidfd = -1
     if pidfd >= 0:
         try:
-            pod, ns = pod_of(pid), pid_namespace(pid)
+            cgroup, ns = cgroup_of(pid), pid_namespace(pid)
             if procfs.exited(pidfd):
-                return Peer(pid, None, "pidfd")
-            return Peer(pid, pod, "pidfd", ns)
+                return Peer(pid, None, "peer gone (pidfd)")
+            return Peer(pid, pod_of(cgroup), "pidfd", ns, uid, cgroup)
         finally:
             os.close(pidfd)
     before = procfs.start_time(pid)
-    pod, ns = pod_of(pid), pid_namespace(pid)
+    cgroup, ns = cgroup_of(pid), pid_namespace(pid)
     if before is None or procfs.start_time(pid) != before:
-        return Peer(pid, None, "pid and start time")
-    return Peer(pid, pod, "pid and start time", ns)
+        return Peer(pid, None, "peer gone (start time)")
+    return Peer(pid, pod_of(cgroup), "pid and start time", ns, uid, cgroup)

@@ -80,6 +80,13 @@ class ControllerMetrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
             registry=r,
         )
+        self.task_failures = Counter(
+            PREFIX + "task_failures",
+            "Failures of the controller's own tasks, each logged and the task restarted after a "
+            "backoff: keeper (one pod's vCPUs), follow (float), kernel-sweep, connection.",
+            ["task"],
+            registry=r,
+        )
         ProcessCollector(registry=r)
         self._held: Held | None = None
 
@@ -123,6 +130,9 @@ class ControllerMetrics:
     def answered(self, method: str, code: int | None) -> None:
         """One request answered: `code` None for a result, else its error code."""
         self.requests.labels(method, "ok" if code is None else reason(code)).inc()
+
+    def task_failed(self, task: str) -> None:
+        self.task_failures.labels(task).inc()
 
     def scrape(self) -> tuple[int, str, str]:
         return 200, generate_latest(self.registry).decode(), CONTENT_TYPE

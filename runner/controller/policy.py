@@ -46,12 +46,17 @@ def may_register(
     online: CpuSet,
     state: KubeletState | Unknown,
     hidden: bool = False,
+    possible: CpuSet | None = None,
 ) -> CpuSet:
     """The CPUs this caller may have as its instance cgroup, or the refusal. `container_cpus`
-    is the caller's container cgroup's cpuset (None once that cgroup is gone)."""
+    is the caller's container cgroup's cpuset (None once that cgroup is gone). The list is
+    parsed within the node's `possible` CPUs (default: `online`), never expanded beyond them.
+    A kubelet state that cannot be read grants nothing: only kubelet hands out exclusive
+    CPUs, and while its word is unknown the caller is told to come back (BUSY)."""
     check_caller(caller, uuid, hidden)
+    bound = max(possible or online or {0}) + 1
     try:
-        wanted = cpus.parse(cpuset)
+        wanted = cpus.parse(cpuset, bound)
     except cpus.CpuListError as e:
         raise refuse(rpc.INVALID_PARAMS, f"invalid params: {e}") from None
     if not wanted:
@@ -65,6 +70,8 @@ def may_register(
             rpc.FORBIDDEN,
             f"cpuset {cpus.format(wanted)} is not the pod's ({cpus.format(container_cpus)})",
         )
+    if isinstance(state, Unknown):
+        raise refuse(rpc.BUSY, f"kubelet's CPU manager state is unknown: {state.reason}")
     if isinstance(state, KubeletState):
         try:
             kube.check_static(state)
@@ -150,6 +157,15 @@ def check_placement(vcpus: Sequence[Placed], instance: CpuSet) -> None:
             raise refuse(rpc.INVALID_PARAMS, f"invalid params: vCPU {p.vcpu} or CPU {p.cpu} twice")
         seen_cpus.add(p.cpu)
         seen_vcpus.add(p.vcpu)
+
+
+def check_node(on_node: bool, what: str) -> None:
+    """Node-wide answers (every pod's UID, CPUs, threads) are for the node alone: a root
+    process outside every pod. A pod learns about itself."""
+    if not on_node:
+        raise refuse(
+            rpc.FORBIDDEN, f"{what} is for the node itself (a root process outside every pod)"
+        )
 
 
 def check_pid(pid: int) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 import trio
 
 from runner import early, httpd, rpc
+from runner.controller.guard import describe, guarded
 from runner.controller.identity import Peer, identify
 from runner.controller.metrics import Held
 from runner.controller.service import ControllerError, ControllerOptions, Service
@@ -22,6 +23,12 @@ from runner.log import log
 # A bound on open connections (memory), far above what a node's runners need at once. A
 # slow caller cannot hold the cgroup lock (no sleeping under it), and idle ones are dropped.
 MAX_CONNECTIONS = 1024
+# A bound per caller (a pod's PID namespace): a runner holds one connection at a time, its
+# scrapes one more. One pod that opens connections and holds them locks only itself out.
+MAX_PER_CALLER = 8
+# A caller says what it wants at once: a connection with no whole request after this long is
+# closed (an idle one after the controller's idle timeout).
+FIRST_REQUEST_TIMEOUT = 2.0
 
 
 class Server:
@@ -29,6 +36,7 @@ class Server:
         self.opts = opts
         self.service = Service(opts)
         self._open = 0
+        self._by_caller: dict[int, int] = {}  # open connections by PID namespace
         # The service's layout is replaced at setup: read through it each time.
         self.service.metrics.hold(
             Held(
@@ -42,35 +50,59 @@ class Server:
         )
 
     async def serve_connection(self, stream: trio.SocketStream) -> None:
+        """One connection; whatever goes wrong in it closes it alone."""
+        try:
+            await self._connection(stream)
+        except Exception as e:  # never out into serve_listeners' nursery
+            self.service.metrics.task_failed("connection")
+            log.error("connection-failed", error=describe(e))
+            with contextlib.suppress(Exception):
+                await stream.aclose()
+
+    async def _connection(self, stream: trio.SocketStream) -> None:
         # Who the caller is, once and at once: later, its pid may be someone else's.
         peer = identify(stream.socket)  # type: ignore[arg-type]
-        if self._open >= MAX_CONNECTIONS:
-            log.warning("connection-refused", pid=peer.pid, reason="too many open connections")
+        caller = peer.pidns or 0  # 0: unproven callers, one budget for all of them
+        if self._open >= MAX_CONNECTIONS or self._by_caller.get(caller, 0) >= MAX_PER_CALLER:
+            whole = self._open >= MAX_CONNECTIONS
+            self.service.metrics.answered("-", rpc.BUSY)
+            log.warning(
+                "connection-refused",
+                pid=peer.pid,
+                reason="too many open connections"
+                + ("" if whole else f" from one caller ({MAX_PER_CALLER})"),
+            )
             await stream.aclose()
             return
         self._open += 1
+        self._by_caller[caller] = self._by_caller.get(caller, 0) + 1
         try:
             await self._serve(stream, peer)
         finally:
             self._open -= 1
+            self._by_caller[caller] -= 1
+            if not self._by_caller[caller]:
+                del self._by_caller[caller]
 
     async def _serve(self, stream: trio.SocketStream, peer: Peer) -> None:
         reader = rpc.LineReader(stream)
         async with stream:
             try:
+                wait = min(FIRST_REQUEST_TIMEOUT, self.opts.idle_timeout)
                 while True:
-                    # A silent client gets `idle_timeout`, then the door: it cannot hold a
-                    # connection slot forever.
-                    with trio.move_on_after(self.opts.idle_timeout) as idle:
+                    # A silent client gets `wait`, then the door: it cannot hold a connection
+                    # slot for long.
+                    with trio.move_on_after(wait) as idle:
                         line = await reader.readline()
                     if idle.cancelled_caught:
                         log.debug("connection-idle", pid=peer.pid)
                         return
                     if line is None:
                         return
+                    wait = self.opts.idle_timeout
                     response = await self.service.dispatch(peer, line)
                     if response is None:
-                        continue
+                        return  # a notification: never answered, so the connection ends
                     with trio.move_on_after(self.opts.idle_timeout) as sending:
                         await stream.send_all(rpc.encode_response(response))
                     if sending.cancelled_caught:
@@ -87,7 +119,8 @@ class Server:
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 return
             except Exception as e:
-                log.error("connection-failed", pid=peer.pid, error=f"{type(e).__name__}: {e}")
+                self.service.metrics.task_failed("connection")
+                log.error("connection-failed", pid=peer.pid, error=describe(e))
 
     @property
     def probes(self) -> dict[str, httpd.Route]:
@@ -153,11 +186,24 @@ class Server:
                 async with trio.open_nursery() as nursery:
                     self.service.nursery = nursery
                     self.service.adopt_tenants()
+                    failed = self.service.metrics.task_failed
                     nursery.start_soon(
-                        self.service.keeper.follow, self.opts.resync_interval, self.service.lock
+                        guarded,
+                        "follow",
+                        "follow",
+                        lambda: self.service.keeper.follow(
+                            self.opts.resync_interval, self.service.lock
+                        ),
+                        failed,
                     )
                     nursery.start_soon(trio.serve_listeners, self.serve_connection, [listener])
-                    nursery.start_soon(self.service.sweep_kernel_threads, self.opts.resync_interval)
+                    nursery.start_soon(
+                        guarded,
+                        "kernel-sweep",
+                        "kernel-sweep",
+                        lambda: self.service.sweep_kernel_threads(self.opts.resync_interval),
+                        failed,
+                    )
                     if self.opts.health_address:
                         try:
                             await nursery.start(httpd.serve, self.opts.health_address, self.probes)

@@ -26,7 +26,7 @@ from runner.node import partition, procfs
 from runner.node.cgroupfs import CgroupError, CgroupFS, pressures
 from runner.node.floatkeeper import FloatKeeper, FloatUnknown
 from runner.node.kubelet import Unknown, read_state
-from runner.node.layout import Layout, online_cpus
+from runner.node.layout import Layout, online_cpus, possible_cpus
 from runner.node.partition import PartitionMode
 from runner.topology import TopologyError, read_host
 
@@ -59,6 +59,7 @@ class Service:
         self.cg = CgroupFS(opts.cgroup_mount)
         self.lock = trio.Lock()  # cgroup writes: one at a time
         self.online: cpus.CpuSet = frozenset()
+        self.possible: cpus.CpuSet = frozenset()
         self.layout = Layout(self.cg, "/")
         self.metrics = ControllerMetrics()
         self.keeper = FloatKeeper(
@@ -88,6 +89,7 @@ class Service:
             ) from None
         self.layout = self.keeper.layout = self.tenants.layout = Layout(self.cg, root)
         self.online = online_cpus()
+        self.possible = possible_cpus()
         try:
             host = read_host()
         except TopologyError as e:
@@ -127,7 +129,7 @@ class Service:
                 container = self.cg.cpus(peer.pod.path, effective=False)
         state = read_state(self.opts.kubelet_dir)
         wanted = policy.may_register(
-            peer.pod, p.uuid, p.cpuset, container, self.online, state, peer.hidden
+            peer.pod, p.uuid, p.cpuset, container, self.online, state, peer.hidden, self.possible
         )
         path = self.layout.instance(p.uuid)
         async with self.lock:
@@ -235,7 +237,9 @@ class Service:
         """A restarted controller keeps the running instances' vCPUs placed again."""
         assert self.nursery is not None
         for tenant, keeper, pidfd in self.tenants.adopt(self.layout.instances()):
-            self.nursery.start_soon(keep, tenant, keeper, pidfd, self.opts.verify_interval)
+            self.nursery.start_soon(
+                keep, tenant, keeper, pidfd, self.opts.verify_interval, self.metrics.task_failed
+            )
 
     async def move_process(self, peer: Peer, p: rpc.MoveParams) -> rpc.MoveResult:
         policy.check_pid(p.pid)
@@ -257,7 +261,9 @@ class Service:
             keeper, pidfd = self.tenants.place(tenant, p, instance.path)
             tenant.keeper = keeper
             assert self.nursery is not None
-            self.nursery.start_soon(keep, tenant, keeper, pidfd, self.opts.verify_interval)
+            self.nursery.start_soon(
+                keep, tenant, keeper, pidfd, self.opts.verify_interval, self.metrics.task_failed
+            )
         return rpc.PlaceResult(len(p.vcpus))
 
     async def instance_status(self, peer: Peer, p: rpc.StatusParams) -> rpc.StatusResult:
@@ -271,7 +277,11 @@ class Service:
             k.counts() if k else None,
         )
 
-    async def list_instances(self, _peer: Peer, _p: object) -> rpc.ListResult:
+    def _on_node(self, peer: Peer) -> bool:
+        return peer.on_node(self.own_ns, self.layout.root)
+
+    async def list_instances(self, peer: Peer, _p: object) -> rpc.ListResult:
+        policy.check_node(self._on_node(peer), "listInstances")
         return rpc.ListResult(
             [
                 rpc.InstanceInfo(i.uuid, i.path, cpus.format(i.cpus), i.threads)
@@ -279,12 +289,13 @@ class Service:
             ]
         )
 
-    async def health(self, _peer: Peer, _p: object) -> rpc.HealthResult:
+    async def health(self, peer: Peer, _p: object) -> rpc.HealthResult:
         float_cpus = self.layout.float_cpus()
+        status = "ok" if float_cpus is not None else "no-float"
+        if not self._on_node(peer):
+            return rpc.HealthResult(status)
         return rpc.HealthResult(
-            "ok" if float_cpus is not None else "no-float",
-            cpus.format(float_cpus or frozenset()),
-            len(self.layout.instances()),
+            status, cpus.format(float_cpus or frozenset()), len(self.layout.instances())
         )
 
     async def dispatch(self, peer: Peer, line: bytes) -> rpc.Response | None:

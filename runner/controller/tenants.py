@@ -13,13 +13,14 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import attrs
 import trio
 
 from runner import cpus, kube, rpc
+from runner.controller.guard import describe, guarded
 from runner.controller.identity import pid_namespace
 from runner.log import log
 from runner.node import procfs
@@ -50,7 +51,7 @@ class Tenant:
 def ns_pid(path: str) -> int | None:
     """The innermost PID in a /proc/<pid> or /proc/<pid>/task/<tid> status (NSpid)."""
     try:
-        status = procfs.parse_status(Path(path, "status").read_text())
+        status = procfs.parse_status(procfs.read(Path(path, "status")))
     except OSError:
         return None
     ids = status.get("NSpid", "").split()
@@ -222,8 +223,8 @@ class Tenants:
                 continue
             try:
                 found.append(self._adopt(uuid, inst))
-            except (OSError, CgroupError, LookupError, ValueError) as e:
-                log.warning("tenant-not-adopted", uuid=uuid, error=f"{type(e).__name__}: {e}")
+            except Exception as e:  # one pod's odd state never stops a restart
+                log.warning("tenant-not-adopted", uuid=uuid, error=describe(e))
         return found
 
     def _adopt(self, uuid: str, inst: Instance) -> tuple[Tenant, Keeper, int]:
@@ -235,9 +236,7 @@ class Tenants:
             anchor, container = next(
                 (pid, cg)
                 for pid in procfs.processes()
-                if in_namespace(pid, ns)
-                and (cg := procfs.cgroup_of(Path(f"/proc/{pid}/cgroup").read_text()))
-                and _pod_uid(cg) == uuid
+                if in_namespace(pid, ns) and (cg := procfs.cgroup(pid)) and _pod_uid(cg) == uuid
             )
             placed = [_placed(qemu, tid) for tid in tids]
         except BaseException:
@@ -259,13 +258,18 @@ class Tenants:
             return self.resolve(t, pid, "float")
 
 
-async def keep(t: Tenant, keeper: Keeper, pidfd: int, interval: float) -> None:
-    """The pod's keeper, until QEMU exits (its pidfd turns readable) or the pod deregisters."""
+async def keep(
+    t: Tenant, keeper: Keeper, pidfd: int, interval: float, failed: Callable[[str], None]
+) -> None:
+    """The pod's keeper, until QEMU exits (its pidfd turns readable) or the pod deregisters.
+    A keeper that raises starts again after a backoff: it never ends another pod's."""
     with trio.CancelScope() as scope:
         t.keeper, t.scope = keeper, scope
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(keeper.keep, interval)
+                nursery.start_soon(
+                    guarded, f"keeper {t.uuid}", "keeper", lambda: keeper.keep(interval), failed
+                )
                 await trio.lowlevel.wait_readable(pidfd)
                 nursery.cancel_scope.cancel()
         finally:

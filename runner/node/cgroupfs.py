@@ -14,6 +14,7 @@ import trio
 
 from runner import cpus
 from runner.cpus import CpuSet
+from runner.node import procfs
 
 
 @attrs.frozen
@@ -62,7 +63,7 @@ class CgroupFS:
     def read(self, cgroup: str, name: str) -> str:
         path = self.dir(cgroup) / name
         try:
-            return path.read_text()
+            return procfs.read(path)
         except OSError as e:
             raise CgroupError(f"cannot read {path}: {e.strerror}") from None
 
@@ -94,7 +95,7 @@ class CgroupFS:
                 "node booted with cgroup v2 only (systemd.unified_cgroup_hierarchy=1); "
                 "to try it on this machine, run it inside scripts/testvm"
             )
-        if "cpuset" not in controllers.read_text().split():
+        if "cpuset" not in procfs.read(controllers).split():
             raise CgroupError(
                 f"the cpuset controller is not available in {self.mount} (bound to a cgroup v1 "
                 "hierarchy?): instance-runner needs cpuset on cgroup v2"
@@ -183,7 +184,7 @@ class CgroupFS:
 
 def thread_cgroup(pid: int, tid: int) -> str:
     """The cgroup v2 path of one thread, from /proc."""
-    text = Path(f"/proc/{pid}/task/{tid}/cgroup").read_text()
+    text = procfs.read(f"/proc/{pid}/task/{tid}/cgroup")
     for line in text.splitlines():
         if line.startswith("0::"):
             return line[3:]

@@ -64,6 +64,11 @@ def online_cpus() -> CpuSet:
     return cpus.parse(Path("/sys/devices/system/cpu/online").read_text())
 
 
+def possible_cpus() -> CpuSet:
+    """Every CPU this node could ever bring online: the bound on a CPU list in a request."""
+    return cpus.parse(Path("/sys/devices/system/cpu/possible").read_text())
+
+
 class Layout:
     """The root's names and a listing of its instance cgroups."""
 

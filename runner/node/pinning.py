@@ -222,9 +222,9 @@ class Keeper:
             if pid == anchor or pid <= 0:  # 0: outside our pid namespace, not the pod's
                 continue
             try:
-                if procfs.stat(pid).kernel:
+                st = procfs.stat(pid)
+                if st.kernel:
                     continue  # KVM's workers: the controller's kernel-thread sweep moves them
-                comm = Path(f"/proc/{pid}/comm").read_text().strip()
                 move_to_float(self.cg, self.float_cg, float_cpus, pid)
             except (CgroupError, OSError) as e:
                 if Path(f"/proc/{pid}").exists():
@@ -234,7 +234,7 @@ class Keeper:
             log.warning(
                 "exec-moved-to-float",
                 pid=pid,
-                comm=comm,
+                comm=st.comm,
                 detail="a process joined the container cgroup (exec, probe) and would "
                 "have shared the vCPUs' CPUs",
             )

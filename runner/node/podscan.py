@@ -167,7 +167,7 @@ def own_run_dir(base: str) -> Path | None:
     Raises ScanError inside a VM pod whose run dir cannot be told."""
     uid = None
     try:
-        uid = _pod_uid(procfs.cgroup_of(Path("/proc/self/cgroup").read_text()))
+        uid = _pod_uid(procfs.cgroup_of(procfs.read("/proc/self/cgroup")))
         runner_is_init = procfs.stat(1).comm == podview.RUNNER_COMM
     except OSError:
         return None

@@ -97,39 +97,58 @@ def cgroup_of(text: str) -> str:
     return ""
 
 
+def read(path: str | Path) -> str:
+    """A /proc, /sys or cgroupfs file as text. A process names itself with any bytes, and a
+    cgroup may be named so: undecodable bytes become surrogate escapes, never an error, and a
+    path read this way opens the same file again."""
+    return Path(path).read_bytes().decode("utf-8", "surrogateescape")
+
+
+def printable(text: str) -> str:
+    """Text read by `read`, with undecodable bytes shown as U+FFFD: for a terminal."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def cgroup(pid: int | str, tid: int | None = None) -> str:
+    """The cgroup v2 path of a process (or one of its threads), as its own namespace shows
+    it; "" when it has none."""
+    base = _task(int(pid), tid) if tid is not None else Path(f"/proc/{pid}")
+    return cgroup_of(read(base / "cgroup"))
+
+
 def _task(pid: int, tid: int) -> Path:
     return Path(f"/proc/{pid}/task/{tid}")
 
 
 def schedstat(pid: int, tid: int) -> SchedStat:
-    return parse_schedstat((_task(pid, tid) / "schedstat").read_text())
+    return parse_schedstat(read(_task(pid, tid) / "schedstat"))
 
 
 def stat(pid: int, tid: int | None = None) -> Stat:
     base = _task(pid, tid) if tid is not None else Path(f"/proc/{pid}")
-    return parse_stat((base / "stat").read_text())
+    return parse_stat(read(base / "stat"))
 
 
 def involuntary_switches(pid: int, tid: int) -> int:
-    return int(parse_status((_task(pid, tid) / "status").read_text())["nonvoluntary_ctxt_switches"])
+    return int(parse_status(read(_task(pid, tid) / "status"))["nonvoluntary_ctxt_switches"])
 
 
 def tgid(tid: int) -> int:
     """The process a thread belongs to (cgroup.threads lists threads alone)."""
-    return int(parse_status(Path(f"/proc/{tid}/status").read_text())["Tgid"])
+    return int(parse_status(read(f"/proc/{tid}/status"))["Tgid"])
 
 
 def thread(pid: int, tid: int) -> ThreadView:
     """Everything about one thread; OSError if it went away while being read."""
     base = _task(pid, tid)
-    st = parse_stat((base / "stat").read_text())
-    status = parse_status((base / "status").read_text())
-    sched = parse_schedstat((base / "schedstat").read_text())
+    st = parse_stat(read(base / "stat"))
+    status = parse_status(read(base / "status"))
+    sched = parse_schedstat(read(base / "schedstat"))
     return ThreadView(
         pid=pid,
         tid=tid,
         comm=st.comm,
-        cgroup=cgroup_of((base / "cgroup").read_text()),
+        cgroup=cgroup_of(read(base / "cgroup")),
         allowed=cpus.parse(status["Cpus_allowed_list"]),
         last_cpu=st.last_cpu,
         policy=st.policy,
@@ -162,7 +181,7 @@ def start_time(pid: int, tid: int | None = None) -> int | None:
     The same number read twice around other reads proves they were of the same one."""
     base = _task(pid, tid) if tid is not None else Path(f"/proc/{pid}")
     try:
-        text = (base / "stat").read_text()
+        text = read(base / "stat")
     except OSError:
         return None
     return int(text.rsplit(")", 1)[1].split()[_STARTTIME])
@@ -177,4 +196,4 @@ def exited(pidfd: int) -> bool:
 
 
 def cmdline(pid: int) -> list[str]:
-    return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")[:-1]
+    return printable(read(f"/proc/{pid}/cmdline")).split("\0")[:-1]

@@ -14,7 +14,6 @@ or handed out by the node controller. One interface, one class per mode:
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Protocol
 
 import attrs
@@ -23,7 +22,7 @@ import trio
 from runner import cpus, kube, rpc
 from runner.cpus import CpuSet
 from runner.log import log
-from runner.node import partition
+from runner.node import partition, procfs
 from runner.node.cgroupfs import CgroupError, CgroupFS
 from runner.node.floatkeeper import FloatKeeper, FloatUnknown, float_target
 from runner.node.kubelet import Unknown, read_state
@@ -254,7 +253,7 @@ class FromController:
     async def release(self) -> None:
         if not self.asked:
             return
-        here = kube.own_cgroup_path(None, Path("/proc/self/cgroup").read_text())
+        here = kube.own_cgroup_path(None, procfs.read("/proc/self/cgroup"))
         if here != self.container:
             log.warning(
                 "deregister-skipped",

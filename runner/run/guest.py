@@ -7,12 +7,12 @@ import os
 import signal
 import socket
 import time
-from pathlib import Path
 
 import trio
 
 from runner.argv import Wiring, qemu_argv
 from runner.log import log
+from runner.node import procfs
 from runner.node.cgroupfs import CgroupError
 from runner.plumbing import forward_lines
 from runner.procs import Child, Reaper
@@ -37,7 +37,7 @@ EVENT_STATES = {
 
 def since_exec() -> float:
     """Seconds since this process was started (its exec, as /proc/self/stat counts it)."""
-    start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+    start_ticks = int(procfs.read("/proc/self/stat").rsplit(")", 1)[1].split()[19])
     boot_now = time.clock_gettime(time.CLOCK_BOOTTIME)
     return boot_now - start_ticks / os.sysconf("SC_CLK_TCK")
 

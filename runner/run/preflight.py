@@ -15,6 +15,7 @@ import attrs
 
 from runner import cpus, kube, mounts, placement, plan, spec, topology
 from runner.log import log
+from runner.node import procfs
 from runner.node.cgroupfs import CgroupError, CgroupFS
 from runner.run.cgroupsource import CgroupSource, make_source
 from runner.run.options import RUN_DIR_BASE, Options, StartupError
@@ -227,8 +228,8 @@ def own_pod(own: str, o: Options) -> kube.PodCgroup:
 
 def check_realtime(isolated: bool) -> None:
     try:
-        runtime = int(Path("/proc/sys/kernel/sched_rt_runtime_us").read_text())
-        period = int(Path("/proc/sys/kernel/sched_rt_period_us").read_text())
+        runtime = int(procfs.read("/proc/sys/kernel/sched_rt_runtime_us"))
+        period = int(procfs.read("/proc/sys/kernel/sched_rt_period_us"))
         plan.check_realtime(isolated, runtime, period)
     except OSError as e:
         raise StartupError(f"realtime vCPUs: cannot read RT throttling: {e}") from None
@@ -310,7 +311,7 @@ def read_only_as_mounted(
     it but takes CAP_SYS_ADMIN; without it they are refused."""
     if flavour == "rust":
         return frozenset()  # --readonly
-    mountinfo = Path("/proc/self/mountinfo").read_text()
+    mountinfo = procfs.read("/proc/self/mountinfo")
     out = set()
     for share in (s for s in the_spec.shares if s.read_only):
         writable = mounts.writable_mounts(os.path.realpath(share.source), mountinfo)
@@ -328,7 +329,7 @@ def read_only_as_mounted(
 
 def has_capability(cap: int) -> bool:
     """Whether this process has `cap` in its effective set (/proc/self/status CapEff)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
+    for line in procfs.read("/proc/self/status").splitlines():
         if line.startswith("CapEff:"):
             return bool(int(line.split()[1], 16) >> cap & 1)
     return False
@@ -365,7 +366,7 @@ def kvm_usable() -> bool:
 
 def _read_optional(path: str) -> str | None:
     try:
-        return Path(path).read_text()
+        return procfs.read(path)
     except FileNotFoundError:
         return None
 

@@ -17,6 +17,7 @@ import trio
 
 from runner import plumbing, spec
 from runner.log import log
+from runner.node import procfs
 from runner.node.cgroupfs import CgroupError
 from runner.procs import Child, Reaper
 
@@ -102,7 +103,7 @@ async def spawn_joined(
 
 def _state(pid: int) -> str:
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        return procfs.read(f"/proc/{pid}/stat").rsplit(")", 1)[1].split()[0]
     except (OSError, IndexError):
         return ""
 

@@ -13,7 +13,6 @@ import os
 import socket
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 
 import attrs
 import trio
@@ -182,7 +181,7 @@ async def move_to_float(s: Startup) -> None:
         await s.pre.iso.source.enter_float(os.getpid())
     except CgroupError as e:
         raise StartupError(str(e)) from None
-    now_in = kube.own_cgroup_path(None, Path("/proc/self/cgroup").read_text())
+    now_in = kube.own_cgroup_path(None, procfs.read("/proc/self/cgroup"))
     if now_in != float_cg:
         raise StartupError(f"moved to {float_cg} but the kernel has us in {now_in}")
     for task in os.listdir("/proc/self/task"):

@@ -51,7 +51,7 @@ async def test_answers_are_counted_by_method_and_reason(tmp_path: Path) -> None:
     assert m["instance_runner_controller_requests_total"] == {
         (("method", "-"), ("result", "parse-error")): 1,
         (("method", "-"), ("result", "method-not-found")): 1,
-        (("method", "listInstances"), ("result", "ok")): 1,
+        (("method", "listInstances"), ("result", "forbidden")): 1,
         (("method", "registerCgroup"), ("result", "invalid-params")): 1,
         (("method", "deregisterCgroup"), ("result", "forbidden")): 1,
     }

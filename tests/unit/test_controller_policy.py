@@ -54,8 +54,22 @@ def test_an_init_containers_leftover_entry_does_not_matter() -> None:
     assert verdict(kubelet=leftover) == {1, 2}
 
 
-def test_unknown_state_checks_what_it_can() -> None:
-    assert verdict(kubelet=Unknown("missing")) == {1, 2}
+def test_unknown_state_grants_nothing() -> None:
+    # Once granted blind: a Burstable caller asking for 0-3 got it while the file was missing.
+    with pytest.raises(rpc.RPCError) as e:
+        verdict(kubelet=Unknown("cpu_manager_state is missing"))
+    assert e.value.code == rpc.BUSY and "cpu_manager_state is missing" in e.value.message
+
+
+@pytest.mark.parametrize(
+    "cpuset",
+    ["0-50000000", "0-4294967295:1/4294967295", "9", "0-7,0-7", ",".join(["1"] * 9)],
+)
+def test_a_list_beyond_the_node_is_refused_before_it_is_expanded(cpuset: str) -> None:
+    with pytest.raises(rpc.RPCError) as e:
+        verdict(cpuset=cpuset, container=cpuset if len(cpuset) < 9 else "1-2")
+    assert e.value.code in (rpc.INVALID_PARAMS, rpc.FORBIDDEN)
+    assert len(e.value.message) < 200
 
 
 @pytest.mark.parametrize(
@@ -66,7 +80,7 @@ def test_unknown_state_checks_what_it_can() -> None:
         ({"uuid": OTHER}, rpc.FORBIDDEN, "may not act for pod"),
         ({"cpuset": "x"}, rpc.INVALID_PARAMS, "invalid params"),
         ({"cpuset": ""}, rpc.INVALID_PARAMS, "cpuset is empty"),
-        ({"cpuset": "1-9", "container": "1-9"}, rpc.FORBIDDEN, "not on this node"),
+        ({"cpuset": "1-9", "container": "1-9"}, rpc.INVALID_PARAMS, "beyond this node"),
         ({"container": None}, rpc.FORBIDDEN, "container cgroup is gone"),
         ({"cpuset": "1"}, rpc.FORBIDDEN, "is not the pod's"),
         (

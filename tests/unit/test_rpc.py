@@ -269,3 +269,79 @@ def test_status_round_trip() -> None:
     bad = b'{"jsonrpc":"2.0","id":1,"result":{"pressure":{"instance":{"some_us":"x"}}}}'
     with pytest.raises(rpc.RPCError):
         rpc.decode_response(bad, rpc.StatusResult, 1)
+
+
+# --- the decoder's cost is bounded before anything is structured ----------------------------
+
+# Generous against what the bounds allow (about 20 ms for the worst shape found, 1024 empty
+# vCPU objects) and far below what an unbounded decoder spent (1 to 2.5 s per 64 KiB line).
+CPU_BOUND = 0.25
+REPLY_BOUND = 512
+
+_scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), st.text(max_size=20)
+)
+_json = st.recursive(
+    _scalars,
+    lambda inner: st.lists(inner, max_size=8) | st.dictionaries(st.text(max_size=8), inner),
+    max_leaves=40,
+)
+_method = st.sampled_from([*rpc.PARAMS, "x", ""])
+
+
+def _line(method: str, item: object, count: int, field: str) -> bytes:
+    params: dict[str, object] = {"uuid": UID, "qemu": 1, "anchor": 1, "cpuset": "1", "pid": 1}
+    params[field] = [item] * count
+    doc = {"jsonrpc": "2.0", "method": method, "params": params, "id": 1}
+    return json.dumps(doc).encode()[: rpc.MAX_MESSAGE]
+
+
+def _cost(line: bytes) -> tuple[float, int]:
+    import time
+
+    started = time.process_time()
+    answer = rpc.decode_request(line)
+    spent = time.process_time() - started
+    reply = rpc.encode_response(answer) if isinstance(answer, rpc.Response) else b""
+    return spent, len(reply)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    _method,
+    _json,
+    st.integers(0, 30000),
+    st.sampled_from(["vcpus", "uuid", "cpuset", "extra", "pid"]),
+)
+def test_any_request_costs_little_and_is_answered_briefly(
+    method: str, item: object, count: int, field: str
+) -> None:
+    line = _line(method, item, count, field)
+    if len(line) >= rpc.MAX_MESSAGE:
+        line = line[: rpc.MAX_MESSAGE - 1]  # a cut line: a parse error, cheaply
+    spent, reply = _cost(line)
+    assert spent < CPU_BOUND, (spent, line[:200])
+    assert reply < REPLY_BOUND, reply
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        _line("placeVcpus", {}, 21000, "vcpus"),  # measured before: 1 to 2.5 s, a 3 MB reply
+        _line("placeVcpus", {}, rpc.MAX_ITEMS, "vcpus"),
+        _line("placeVcpus", {"vcpu": "a", "tid": "b", "cpu": [], "priority": {}}, 1000, "vcpus"),
+        _line("registerCgroup", "9" * 8000, 1, "cpuset"),
+        b'{"jsonrpc":"2.0","id":1,"method":"health","params":' + b"[" * 30000,
+        json.dumps({"jsonrpc": "2.0", "method": "m" * 60000}).encode(),
+    ],
+    ids=["64k-empty-vcpus", "max-empty-vcpus", "wrong-types", "long-string", "deep", "notify"],
+)
+def test_known_expensive_shapes_are_cheap(line: bytes) -> None:
+    spent, reply = _cost(line)
+    assert spent < CPU_BOUND and reply < REPLY_BOUND, (spent, reply)
+
+
+def test_a_notification_carries_a_trimmed_method() -> None:
+    doc = {"jsonrpc": "2.0", "method": "m" * 5000}
+    note = rpc.decode_request(json.dumps(doc).encode())
+    assert isinstance(note, rpc.Notification) and len(note.method) <= 65
