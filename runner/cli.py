@@ -251,6 +251,16 @@ def run(log_format: str, log_level: str, **kw: Any) -> None:
     minimum=0,
 )
 @option(
+    "--max-rt-priority",
+    env="MAX_RT_PRIORITY",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1, 99),
+    metavar="N",
+    help="The highest SCHED_FIFO priority a pod's realtime vCPU may get (KubeVirt uses 1). "
+    "Realtime is refused anyway while RT throttling is off (kernel.sched_rt_runtime_us -1).",
+)
+@option(
     "--health-address",
     env="HEALTH_ADDRESS",
     metavar="HOST:PORT",

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from runner import cpus, kube, rpc
+import attrs
+
+from runner import cpus, kube, plan, rpc
 from runner.cpus import CpuSet
 from runner.kube import KubeletState, PodCgroup
 from runner.node.kubelet import Unknown
@@ -136,27 +138,57 @@ def check_tenant(
     return ns
 
 
-def check_placement(vcpus: Sequence[Placed], instance: CpuSet) -> None:
-    """Each vCPU on a CPU of its own instance cgroup, each CPU once, each vCPU once, with a
-    FIFO priority in 0-99 (0: not realtime)."""
+@attrs.frozen
+class Realtime:
+    """What the node allows of SCHED_FIFO: the controller's cap on the priority, and the
+    kernel's RT throttling as the controller read it (None: unreadable)."""
+
+    max_priority: int = 1
+    throttling: tuple[int, int] | None = None  # sched_rt_runtime_us, sched_rt_period_us
+
+
+def check_placement(
+    vcpus: Sequence[Placed], instance: CpuSet, realtime: Realtime = Realtime()
+) -> None:
+    """Each vCPU on a CPU of its own instance cgroup, each CPU, vCPU and thread once, with a
+    FIFO priority in 0 to the node's cap (0: not realtime), and FIFO only where the kernel's
+    RT throttling leaves the CPU's kernel threads some time. The pod asks; the node decides."""
     if not vcpus:
         raise refuse(rpc.INVALID_PARAMS, "invalid params: no vCPUs")
     seen_cpus: set[int] = set()
     seen_vcpus: set[int] = set()
+    seen_tids: set[int] = set()
     for p in vcpus:
         if p.tid <= 0 or p.vcpu < 0:
             raise refuse(rpc.INVALID_PARAMS, f"invalid params: vCPU {p.vcpu} thread {p.tid}")
         if not 0 <= p.priority <= 99:
             raise refuse(rpc.INVALID_PARAMS, f"invalid params: priority {p.priority} not in 0-99")
+        if p.priority > realtime.max_priority:
+            raise refuse(
+                rpc.FORBIDDEN,
+                f"SCHED_FIFO priority {p.priority} is above this node's cap "
+                f"({realtime.max_priority}, the controller's --max-rt-priority)",
+            )
         if p.cpu not in instance:
             raise refuse(
                 rpc.FORBIDDEN,
                 f"CPU {p.cpu} is not the instance's ({cpus.format(instance) or 'none'})",
             )
-        if p.cpu in seen_cpus or p.vcpu in seen_vcpus:
-            raise refuse(rpc.INVALID_PARAMS, f"invalid params: vCPU {p.vcpu} or CPU {p.cpu} twice")
+        if p.cpu in seen_cpus or p.vcpu in seen_vcpus or p.tid in seen_tids:
+            raise refuse(
+                rpc.INVALID_PARAMS,
+                f"invalid params: vCPU {p.vcpu}, CPU {p.cpu} or thread {p.tid} twice",
+            )
         seen_cpus.add(p.cpu)
         seen_vcpus.add(p.vcpu)
+        seen_tids.add(p.tid)
+    if any(p.priority for p in vcpus):
+        if realtime.throttling is None:
+            raise refuse(rpc.FORBIDDEN, "realtime vCPUs refused: RT throttling cannot be read")
+        try:
+            plan.check_realtime(True, *realtime.throttling)
+        except plan.PlanError as e:
+            raise refuse(rpc.FORBIDDEN, str(e)) from None
 
 
 def check_node(on_node: bool, what: str) -> None:

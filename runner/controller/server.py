@@ -4,12 +4,8 @@ the float keeper's follow loop beside it. The handlers are in service.py."""
 from __future__ import annotations
 
 import contextlib
-import errno
-import os
+import functools
 import signal
-import socket
-import stat
-from pathlib import Path
 
 import trio
 
@@ -18,25 +14,28 @@ from runner.controller.guard import describe, guarded
 from runner.controller.identity import Peer, identify
 from runner.controller.metrics import Held
 from runner.controller.service import ControllerError, ControllerOptions, Service
+from runner.controller.socketfile import SocketError, SocketFile
 from runner.log import log
 
 # A bound on open connections (memory), far above what a node's runners need at once. A
 # slow caller cannot hold the cgroup lock (no sleeping under it), and idle ones are dropped.
 MAX_CONNECTIONS = 1024
-# A bound per caller (a pod's PID namespace): a runner holds one connection at a time, its
-# scrapes one more. One pod that opens connections and holds them locks only itself out.
+# A bound per caller (a pod, see Service.caller_key): a runner holds one connection at a time,
+# its scrapes one more. One pod that opens connections and holds them locks only itself out.
 MAX_PER_CALLER = 8
 # A caller says what it wants at once: a connection with no whole request after this long is
 # closed (an idle one after the controller's idle timeout).
 FIRST_REQUEST_TIMEOUT = 2.0
+SOCKET_CHECK = 1.0  # how often the socket's path is checked to still lead to it
 
 
 class Server:
     def __init__(self, opts: ControllerOptions) -> None:
         self.opts = opts
         self.service = Service(opts)
+        self.socket = SocketFile(opts.socket)
         self._open = 0
-        self._by_caller: dict[int, int] = {}  # open connections by PID namespace
+        self._by_caller: dict[str, int] = {}  # open connections by caller (caller_key)
         # The service's layout is replaced at setup: read through it each time.
         self.service.metrics.hold(
             Held(
@@ -62,8 +61,10 @@ class Server:
     async def _connection(self, stream: trio.SocketStream) -> None:
         # Who the caller is, once and at once: later, its pid may be someone else's.
         peer = identify(stream.socket)  # type: ignore[arg-type]
-        caller = peer.pidns or 0  # 0: unproven callers, one budget for all of them
-        if self._open >= MAX_CONNECTIONS or self._by_caller.get(caller, 0) >= MAX_PER_CALLER:
+        caller = self.service.caller_key(peer)
+        if self._open >= MAX_CONNECTIONS or (
+            caller is not None and self._by_caller.get(caller, 0) >= MAX_PER_CALLER
+        ):
             whole = self._open >= MAX_CONNECTIONS
             self.service.metrics.answered("-", rpc.BUSY)
             log.warning(
@@ -75,14 +76,16 @@ class Server:
             await stream.aclose()
             return
         self._open += 1
-        self._by_caller[caller] = self._by_caller.get(caller, 0) + 1
+        if caller is not None:
+            self._by_caller[caller] = self._by_caller.get(caller, 0) + 1
         try:
             await self._serve(stream, peer)
         finally:
             self._open -= 1
-            self._by_caller[caller] -= 1
-            if not self._by_caller[caller]:
-                del self._by_caller[caller]
+            if caller is not None:
+                self._by_caller[caller] -= 1
+                if not self._by_caller[caller]:
+                    del self._by_caller[caller]
 
     async def _serve(self, stream: trio.SocketStream, peer: Peer) -> None:
         reader = rpc.LineReader(stream)
@@ -138,37 +141,33 @@ class Server:
             "/metrics": self.service.metrics.scrape,
         }
 
-    async def open_socket(self) -> trio.SocketListener:
-        path = Path(self.opts.socket)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise ControllerError(f"cannot create {path.parent}: {e.strerror}") from None
-        if path.exists() or path.is_symlink():
-            if not stat.S_ISSOCK(path.lstat().st_mode):
-                raise ControllerError(f"{path} exists and is not a socket")
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                probe.connect(str(path))
-                raise ControllerError(f"another controller is serving on {path}")
-            except OSError as e:
-                if e.errno not in (errno.ECONNREFUSED, errno.ENOENT):
-                    raise ControllerError(f"cannot probe {path}: {e.strerror}") from None
-                path.unlink(missing_ok=True)  # left by a controller that died
-            finally:
-                probe.close()
-        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old = os.umask(0o117)  # the socket is born 0660: no window with a wider mode
-        try:
-            await sock.bind(str(path))
-            sock.listen(512)
-        except OSError as e:
-            sock.close()
-            hint = " (at most 107 bytes)" if len(str(path).encode()) > 107 else ""
-            raise ControllerError(f"cannot serve on {path}: {e.strerror or e}{hint}") from None
-        finally:
-            os.umask(old)
-        return trio.SocketListener(sock)
+    async def serve_socket(self, listener: trio.SocketListener, handlers: trio.Nursery) -> None:
+        """Serve on the socket; while the path still leads to it. One removed or replaced
+        (by a hand, or by a pod that could write the directory) is bound again at once,
+        logged; connections already open are served on in `handlers`."""
+        while True:
+            async with trio.open_nursery() as n:
+                n.start_soon(
+                    functools.partial(
+                        trio.serve_listeners,
+                        self.serve_connection,
+                        [listener],
+                        handler_nursery=handlers,
+                    )
+                )
+                while (why := self.socket.changed()) is None:
+                    await trio.sleep(SOCKET_CHECK)
+                n.cancel_scope.cancel()
+            await listener.aclose()
+            log.warning("socket-lost", path=str(self.socket.path), reason=why)
+            while True:
+                try:
+                    listener = await self.socket.bind(takeover=True)
+                    break
+                except SocketError as e:
+                    log.error("socket-rebind-failed", error=str(e), retry_in=SOCKET_CHECK)
+                    await trio.sleep(SOCKET_CHECK)
+            log.warning("socket-rebound", path=str(self.socket.path))
 
     async def run(self) -> int:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
@@ -177,11 +176,10 @@ class Server:
                 return 0
             try:
                 await self.service.setup()
-                listener = await self.open_socket()
-            except ControllerError as e:
+                listener = await self.socket.bind()
+            except (ControllerError, SocketError) as e:
                 log.error("controller-failed", error=str(e))
                 return 1
-            socket_ino = os.stat(self.opts.socket).st_ino
             try:
                 async with trio.open_nursery() as nursery:
                     self.service.nursery = nursery
@@ -196,7 +194,7 @@ class Server:
                         ),
                         failed,
                     )
-                    nursery.start_soon(trio.serve_listeners, self.serve_connection, [listener])
+                    nursery.start_soon(self.serve_socket, listener, nursery)
                     nursery.start_soon(
                         guarded,
                         "kernel-sweep",
@@ -222,8 +220,7 @@ class Server:
                         break
             finally:
                 with contextlib.suppress(OSError):
-                    if os.stat(self.opts.socket).st_ino == socket_ino:
-                        os.unlink(self.opts.socket)
+                    self.socket.remove()
         log.info("exit", code=0)
         return 0
 

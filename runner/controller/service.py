@@ -47,6 +47,7 @@ class ControllerOptions:
     health_address: str | None = None  # HOST:PORT for kubelet's HTTP probes; None: off
     partition: PartitionMode = "none"  # isolated: instance CPUs as isolated partitions
     verify_interval: float = 1.0  # how often placed vCPUs are checked (0: never)
+    max_rt_priority: int = 1  # the highest SCHED_FIFO priority a pod's vCPU may get
 
 
 class ControllerError(Exception):
@@ -66,7 +67,9 @@ class Service:
             self.layout, opts.kubelet_dir, self._young, timed=self.metrics.reconcile.observe
         )
         self._registered_at: dict[str, float] = {}
-        self.tenants = Tenants(self.cg, self.layout)  # registered pods, by instance uuid
+        self.tenants = Tenants(
+            self.cg, self.layout, opts.max_rt_priority
+        )  # registered pods, by instance uuid
         self.own_ns = procfs.pid_namespace(os.getpid())
         self.nursery: trio.Nursery | None = None  # where pods' keepers run (the server's)
         self._kept: set[int] = set()  # kernel threads the kernel would not let go
@@ -135,6 +138,7 @@ class Service:
         async with self.lock:
             live = {u: i.cpus for u, i in self.layout.instances().items()}
             if policy.may_take(p.uuid, wanted, live):
+                self._book(peer, p.uuid)  # the same pod again: what it says now
                 return self._registered(peer, path)
             have = self.layout.float_cpus()
             if have is None:
@@ -156,11 +160,22 @@ class Service:
                 raise rpc.RPCError(rpc.INTERNAL_ERROR, str(e)) from None
             if isinstance(state, Unknown) or not state.entries.get(p.uuid):
                 self._registered_at[p.uuid] = time.monotonic()
-            if peer.pod is not None:
-                self.tenants.by_uuid[p.uuid] = Tenant(p.uuid, peer.pod.path, peer.pidns or 0)
+            self._book(peer, p.uuid)
         log.info("instance-registered", uuid=p.uuid, cpuset=cpus.format(wanted), cgroup=path)
         self.keeper.poke()
         return self._registered(peer, path)
+
+    def _book(self, peer: Peer, uuid: str) -> None:
+        if peer.pod is None or peer.pid is None or peer.pidns is None:
+            return
+        try:
+            self.tenants.book(uuid, peer.pod.path, peer.pid, peer.pidns)
+        except OSError:
+            # Gone, or its PID taken by a process of another namespace: not this pod's.
+            self.tenants.forget(uuid)
+            raise rpc.RPCError(
+                rpc.FORBIDDEN, "the caller went away during its registration"
+            ) from None
 
     def _registered(self, peer: Peer, path: str) -> rpc.RegisterResult:
         have = self.layout.float_cpus()
@@ -194,9 +209,7 @@ class Service:
                     rpc.BUSY, f"instance {p.uuid} still holds threads: {e}"
                 ) from None
             self._registered_at.pop(p.uuid, None)
-            gone = self.tenants.by_uuid.pop(p.uuid, None)
-            if gone is not None:
-                gone.stop_keeping()
+            self.tenants.forget(p.uuid)
         log.info("instance-deregistered", uuid=p.uuid)
         self.keeper.poke()
         return rpc.DeregisterResult(True)
@@ -209,8 +222,7 @@ class Service:
             async with self.lock:
                 for uuid, tenant in list(self.tenants.by_uuid.items()):
                     if not self.cg.exists(self.layout.instance(uuid)):
-                        self.tenants.by_uuid.pop(uuid, None)  # removed as stale
-                        tenant.stop_keeping()
+                        self.tenants.forget(uuid)  # removed as stale
                         continue
                     try:
                         self.kernel_threads_moved += kthreads.sweep(
@@ -255,7 +267,7 @@ class Service:
             instance = self.layout.instances().get(p.uuid)
             if instance is None:
                 raise rpc.RPCError(rpc.FORBIDDEN, f"pod {p.uuid} has no instance cgroup")
-            policy.check_placement(p.vcpus, instance.cpus)
+            policy.check_placement(p.vcpus, instance.cpus, self._realtime())
             if tenant.keeper is not None:
                 raise rpc.RPCError(rpc.CONFLICT, f"pod {p.uuid}'s vCPUs are placed already")
             keeper, pidfd = self.tenants.place(tenant, p, instance.path)
@@ -265,6 +277,13 @@ class Service:
                 keep, tenant, keeper, pidfd, self.opts.verify_interval, self.metrics.task_failed
             )
         return rpc.PlaceResult(len(p.vcpus))
+
+    def _realtime(self) -> policy.Realtime:
+        try:
+            throttling: tuple[int, int] | None = procfs.rt_throttling()
+        except (OSError, ValueError):
+            throttling = None
+        return policy.Realtime(self.opts.max_rt_priority, throttling)
 
     async def instance_status(self, peer: Peer, p: rpc.StatusParams) -> rpc.StatusResult:
         """Read for a runner that cannot read the node's cgroupfs itself."""
@@ -276,6 +295,17 @@ class Service:
             ),
             k.counts() if k else None,
         )
+
+    def caller_key(self, peer: Peer) -> str | None:
+        """Whose budget of connections a caller spends: its pod's (by UID while in a
+        container cgroup, else by PID namespace, which every process of the pod's container
+        shares); one budget for every caller that cannot be proven; None (the node-wide cap
+        alone) for the node itself."""
+        if self._on_node(peer):
+            return None
+        if peer.pod is not None:
+            return f"pod {peer.pod.pod_uid}"
+        return f"pidns {peer.pidns}" if peer.pidns is not None else "unproven"
 
     def _on_node(self, peer: Peer) -> bool:
         return peer.on_node(self.own_ns, self.layout.root)

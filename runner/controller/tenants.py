@@ -23,10 +23,10 @@ from runner import cpus, kube, rpc
 from runner.controller.guard import describe, guarded
 from runner.controller.identity import pid_namespace
 from runner.log import log
-from runner.node import procfs
+from runner.node import bracket, procfs
 from runner.node.cgroupfs import CgroupError, CgroupFS
 from runner.node.layout import Instance, Layout
-from runner.node.pinning import Keeper, PinError, move_to_float, place_vcpu
+from runner.node.pinning import Keeper, PinError, move_to_float, place_vcpu, undo_move, unplace
 from runner.plan import Placed
 from runner.run.metrics import Kept
 
@@ -34,11 +34,14 @@ from runner.run.metrics import Kept
 @attrs.define
 class Tenant:
     """A registered pod: its container cgroup and its PID namespace, and once its vCPUs are
-    placed, the keeper that holds them so."""
+    placed, the keeper that holds them so. The namespace is held open (`ns_fd`): while it is,
+    the kernel cannot give its inode number to another namespace, so `ns` names this pod's
+    alone."""
 
     uuid: str
     container: str
     ns: int
+    ns_fd: int = -1
     keeper: Keeper | None = None
     scope: trio.CancelScope | None = None
 
@@ -46,6 +49,23 @@ class Tenant:
         if self.scope is not None:
             self.scope.cancel()
         self.keeper, self.scope = None, None
+
+    def release(self) -> None:
+        """Forgotten: no keeping, the namespace let go."""
+        self.stop_keeping()
+        if self.ns_fd >= 0:
+            os.close(self.ns_fd)
+            self.ns_fd = -1
+
+
+def hold_namespace(pid: int, ns: int) -> int:
+    """An fd of process `pid`'s PID namespace, which must be the one numbered `ns` (read
+    earlier, under a pidfd): OSError if the process is gone or not of it."""
+    fd = os.open(f"/proc/{pid}/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+    if os.fstat(fd).st_ino != ns:
+        os.close(fd)
+        raise ProcessLookupError(f"process {pid} is not of PID namespace {ns}")
+    return fd
 
 
 def ns_pid(path: str) -> int | None:
@@ -93,15 +113,16 @@ def _pod_uid(cgroup: str) -> str | None:
         return None
 
 
-def _placed(qemu: int, tid: int) -> Placed:
+def _placed(qemu: int, tid: int, max_priority: int) -> Placed:
     """A vCPU thread as it runs now: its index from its name (QEMU's "CPU <n>/KVM"), its one
-    CPU, its FIFO priority if it has one."""
+    CPU, its FIFO priority if it has one (never above the node's cap: the keeper then puts
+    a thread raised behind the controller's back down to it)."""
     st = procfs.stat(qemu, tid)
     match = re.match(r"CPU (\d+)/", st.comm)
     allowed = os.sched_getaffinity(tid)
     if match is None or len(allowed) != 1:
         raise ValueError(f"thread {tid} ({st.comm}) is not a placed vCPU")
-    priority = st.rt_priority if st.policy == "fifo" else 0
+    priority = min(st.rt_priority, max_priority) if st.policy == "fifo" else 0
     return Placed(int(match.group(1)), tid, min(allowed), priority)
 
 
@@ -112,10 +133,34 @@ def refuse(message: str) -> rpc.RPCError:
 class Tenants:
     """Every write an unprivileged pod asks for."""
 
-    def __init__(self, cg: CgroupFS, layout: Layout) -> None:
+    def __init__(self, cg: CgroupFS, layout: Layout, max_priority: int = 1) -> None:
         self.cg = cg
         self.layout = layout
+        self.max_priority = max_priority
         self.by_uuid: dict[str, Tenant] = {}
+
+    def book(self, uuid: str, container: str, pid: int, ns: int) -> Tenant:
+        """A registration (first or again) made by process `pid` of namespace `ns` in
+        `container`: the record is made, or refreshed with what the pod says now (a restarted
+        container has a new namespace); a placed pod's keeper keeps on."""
+        fd = hold_namespace(pid, ns)
+        t = self.by_uuid.get(uuid)
+        if t is None:
+            t = self.by_uuid[uuid] = Tenant(uuid, container, ns, fd)
+            return t
+        if t.ns_fd >= 0:
+            os.close(t.ns_fd)
+        if (t.container, t.ns) != (container, ns):
+            log.info("tenant-refreshed", uuid=uuid, container=container, was=t.container)
+        t.container, t.ns, t.ns_fd = container, ns, fd
+        if t.keeper is not None:
+            t.keeper.container = container
+        return t
+
+    def forget(self, uuid: str) -> None:
+        t = self.by_uuid.pop(uuid, None)
+        if t is not None:
+            t.release()
 
     def kept(self) -> list[Kept]:
         """What each pod's keeper did, for /metrics."""
@@ -136,6 +181,10 @@ class Tenants:
             raise refuse(f"pid {pid} is no process of pod {t.uuid} in its {where} cgroup")
         return host
 
+    def is_its(self, t: Tenant, host: int, pid: int) -> Callable[[], bool]:
+        """The check made under a bracket: node PID `host` is the pod's process `pid`."""
+        return lambda: in_namespace(host, t.ns) and ns_pid(f"/proc/{host}") == pid
+
     def hold(self, t: Tenant, host: int, pid: int) -> int:
         """A pidfd of the process, and its identity checked again under it: while the pidfd
         shows it alive, what was read of /proc/<host> was this process's."""
@@ -143,40 +192,48 @@ class Tenants:
             pidfd = os.pidfd_open(host)
         except OSError:
             raise refuse(f"pid {pid} of pod {t.uuid} went away") from None
-        if not in_namespace(host, t.ns) or ns_pid(f"/proc/{host}") != pid or procfs.exited(pidfd):
+        if not self.is_its(t, host, pid)() or procfs.exited(pidfd):
             os.close(pidfd)
             raise refuse(f"pid {pid} of pod {t.uuid} went away")
         return pidfd
 
     def move(self, t: Tenant, pid: int, to: str) -> None:
-        """One whole process of the pod between its container cgroup and float."""
+        """One whole process of the pod between its container cgroup and float, bracketed."""
         source = "float" if to == "container" else "container"
         host = self.resolve(t, pid, source)
-        pidfd = self.hold(t, host, pid)
+        is_its = self.is_its(t, host, pid)
         try:
-            try:
-                if to == "float":
-                    float_cpus = self.cg.cpus(self.layout.float)
-                    move_to_float(self.cg, self.layout.float, float_cpus, host)
-                else:
-                    self.cg.move_process(t.container, host)
-            except CgroupError as e:
-                raise rpc.RPCError(rpc.INTERNAL_ERROR, str(e)) from None
-            if procfs.exited(pidfd):
-                log.error("tenant-move-raced", uuid=t.uuid, pid=pid, host_pid=host, to=to)
-                raise refuse(f"pid {pid} of pod {t.uuid} exited during the move")
-        finally:
-            os.close(pidfd)
+            if to == "float":
+                float_cpus = self.cg.cpus(self.layout.float)
+                move_to_float(self.cg, self.layout.float, float_cpus, host, is_its)
+            else:
+                try:
+                    with bracket.process(host, is_its):
+                        self.cg.move_process(t.container, host)
+                except bracket.Raced:
+                    undo_move(self.cg, host)
+                    raise
+        except bracket.Gone:
+            raise refuse(f"pid {pid} of pod {t.uuid} went away") from None
+        except bracket.Raced:
+            log.error("tenant-move-raced", uuid=t.uuid, pid=pid, host_pid=host, to=to)
+            raise refuse(f"pid {pid} of pod {t.uuid} exited during the move") from None
+        except CgroupError as e:
+            raise rpc.RPCError(rpc.INTERNAL_ERROR, str(e)) from None
         if to == "container" and t.keeper is not None:
             t.keeper.anchor_pid = lambda: host  # a new anchor: the only one let stay
         log.info("tenant-process-moved", uuid=t.uuid, pid=pid, host_pid=host, to=to)
 
     def place(self, t: Tenant, p: rpc.PlaceParams, instance: str) -> tuple[Keeper, int]:
         """QEMU to float, each vCPU thread into the instance cgroup on its CPU (and FIFO),
-        read back; the keeper that holds them so, and QEMU's pidfd (its end ends the keeping)."""
+        read back; the keeper that holds them so, and QEMU's pidfd (its end ends the keeping).
+        Every write is bracketed; if any fails or races, every vCPU written so far is put
+        back as a helper (float, float's CPUs, not realtime) before the refusal."""
         qemu = self.resolve_anywhere(t, p.qemu)
         anchor = self.resolve(t, p.anchor, "container")
         pidfd = self.hold(t, qemu, p.qemu)
+        written: list[Placed] = []
+        starts: dict[int, int | None] = {}
         try:
             placed = []
             for v in p.vcpus:
@@ -186,19 +243,24 @@ class Tenants:
                 placed.append(Placed(v.vcpu, tid, v.cpu, v.priority))
             starts = {q.tid: procfs.start_time(qemu, q.tid) for q in placed}
             float_cpus = self.cg.cpus(self.layout.float)
-            move_to_float(self.cg, self.layout.float, float_cpus, qemu)
+            move_to_float(
+                self.cg, self.layout.float, float_cpus, qemu, self.is_its(t, qemu, p.qemu)
+            )
             for q in placed:
-                place_vcpu(self.cg, instance, qemu, q)
+                written.append(q)
+                place_vcpu(self.cg, instance, self.layout.float, qemu, q, starts[q.tid])
             if procfs.exited(pidfd) or any(
                 procfs.start_time(qemu, q.tid) != starts[q.tid] for q in placed
             ):
                 log.error("tenant-place-raced", uuid=t.uuid, qemu=p.qemu, host_pid=qemu)
                 raise refuse(f"process {p.qemu} of pod {t.uuid} or a vCPU thread exited")
-        except (PinError, CgroupError) as e:
+        except BaseException as e:
+            self._unplace(qemu, written, starts)
             os.close(pidfd)
-            raise rpc.RPCError(rpc.INTERNAL_ERROR, str(e)) from None
-        except BaseException:
-            os.close(pidfd)
+            if isinstance(e, bracket.Gone | bracket.Raced):
+                raise refuse(f"process {p.qemu} of pod {t.uuid} or a vCPU thread exited") from None
+            if isinstance(e, PinError | CgroupError):
+                raise rpc.RPCError(rpc.INTERNAL_ERROR, str(e)) from None
             raise
         keeper = Keeper(
             self.cg, t.container, instance, self.layout.float, qemu, placed, lambda: anchor
@@ -219,10 +281,13 @@ class Tenants:
         still in the pod's container cgroup: the anchor), with the keepers to start."""
         found = []
         for uuid, inst in sorted(instances.items()):
-            if uuid in self.by_uuid or not inst.threads:
+            if uuid in self.by_uuid:
                 continue
             try:
-                found.append(self._adopt(uuid, inst))
+                if inst.threads:
+                    found.append(self._adopt(uuid, inst))
+                else:
+                    self._adopt_registered(uuid, inst)
             except Exception as e:  # one pod's odd state never stops a restart
                 log.warning("tenant-not-adopted", uuid=uuid, error=describe(e))
         return found
@@ -238,18 +303,58 @@ class Tenants:
                 for pid in procfs.processes()
                 if in_namespace(pid, ns) and (cg := procfs.cgroup(pid)) and _pod_uid(cg) == uuid
             )
-            placed = [_placed(qemu, tid) for tid in tids]
+            placed = [_placed(qemu, tid, self.max_priority) for tid in tids]
+            if procfs.exited(pidfd):
+                raise ProcessLookupError(f"QEMU ({qemu}) exited")
+            t = self.book(uuid, container, qemu, ns)
         except BaseException:
             os.close(pidfd)
             raise
-        t = Tenant(uuid, container, ns)
-        self.by_uuid[uuid] = t
         keeper = Keeper(
             self.cg, container, inst.path, self.layout.float, qemu, placed, lambda: anchor
         )
         t.keeper = keeper
         log.info("tenant-adopted", uuid=uuid, host_pid=qemu, vcpus=len(placed), container=container)
         return t, keeper, pidfd
+
+    def _adopt_registered(self, uuid: str, inst: Instance) -> None:
+        """A pod that registered and has not placed its vCPUs yet (the controller restarted in
+        between): its VM container is the pod's container cgroup on the instance's CPUs, and
+        its namespace the one every process there shares."""
+        members: dict[str, list[int]] = {}
+        for pid in procfs.processes():
+            with contextlib.suppress(OSError):
+                cg = procfs.cgroup(pid)
+                if cg and _pod_uid(cg) == uuid:
+                    members.setdefault(cg, []).append(pid)
+        containers = [
+            cg
+            for cg in members
+            if self._cpus_of(cg) == inst.cpus and not cg.startswith(self.layout.root + "/")
+        ]
+        if len(containers) != 1:
+            raise LookupError(f"{len(containers)} containers of pod {uuid} on its CPUs")
+        (container,) = containers
+        namespaces = {procfs.pid_namespace(pid) for pid in members[container]}
+        if len(namespaces) != 1:
+            raise LookupError(f"{len(namespaces)} PID namespaces in {container}")
+        (ns,) = namespaces
+        self.book(uuid, container, members[container][0], ns)
+        log.info("tenant-adopted", uuid=uuid, vcpus=0, container=container)
+
+    def _cpus_of(self, cgroup: str) -> frozenset[int] | None:
+        try:
+            return self.cg.cpus(cgroup, effective=False)
+        except (CgroupError, ValueError):
+            return None
+
+    def _unplace(self, qemu: int, written: list[Placed], starts: Mapping[int, int | None]) -> None:
+        """A placement that failed half way: each vCPU written so far back as a helper, while
+        its TID is still QEMU's thread."""
+        for q in written:
+            # Gone: not QEMU's thread any more, nothing to undo.
+            with contextlib.suppress(OSError), bracket.thread(qemu, q.tid, starts.get(q.tid)):
+                unplace(self.cg, self.layout.float, q.tid)
 
     def resolve_anywhere(self, t: Tenant, pid: int) -> int:
         try:

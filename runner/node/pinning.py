@@ -18,7 +18,7 @@ import trio
 
 from runner import cpus
 from runner.log import log
-from runner.node import procfs
+from runner.node import bracket, procfs
 from runner.node.cgroupfs import CgroupError, CgroupFS, thread_cgroup
 from runner.plan import Placed, in_place, sched_as_planned
 
@@ -27,17 +27,43 @@ class PinError(Exception):
     """A vCPU could not be placed, or did not stay placed; one line."""
 
 
-def place_vcpu(cg: CgroupFS, instance_cg: str, qemu_pid: int, p: Placed) -> None:
-    """One vCPU thread into the instance cgroup, onto its CPU, and read back."""
+def place_vcpu(
+    cg: CgroupFS,
+    instance_cg: str,
+    float_cg: str,
+    qemu_pid: int,
+    p: Placed,
+    started: int | None = None,
+) -> None:
+    """One vCPU thread into the instance cgroup, onto its CPU, and read back; all of it while
+    the TID is provably QEMU's thread (started at `started`, when known). A thread that went
+    away meanwhile gets nothing, and one that went away during the writes has them undone."""
     try:
-        # Cgroup first, then affinity: on 6.1 a cpuset move resets the affinity.
-        cg.move_thread(instance_cg, p.tid)
-        os.sched_setaffinity(p.tid, {p.cpu})
+        with bracket.thread(qemu_pid, p.tid, started):
+            # Cgroup first, then affinity: on 6.1 a cpuset move resets the affinity.
+            cg.move_thread(instance_cg, p.tid)
+            os.sched_setaffinity(p.tid, {p.cpu})
+            check_placed(instance_cg, qemu_pid, p, sched=False)
+            if p.priority:
+                make_realtime(p)
+    except bracket.Raced as e:
+        unplace(cg, float_cg, p.tid)
+        raise PinError(f"vCPU {p.vcpu} (thread {p.tid}): {e}; its writes undone") from None
     except (CgroupError, OSError) as e:
         raise PinError(f"cannot pin vCPU {p.vcpu} (thread {p.tid}) to CPU {p.cpu}: {e}") from None
-    check_placed(instance_cg, qemu_pid, p, sched=False)
-    if p.priority:
-        make_realtime(p)
+
+
+def unplace(cg: CgroupFS, float_cg: str, tid: int) -> None:
+    """A thread that is no (longer a) placed vCPU back as any helper is: in float, on float's
+    CPUs, not realtime. Best effort: it may be gone."""
+    with contextlib.suppress(CgroupError, OSError):
+        cg.move_thread(float_cg, tid)
+    with contextlib.suppress(CgroupError, OSError):
+        os.sched_setaffinity(tid, cg.cpus(float_cg))
+    with contextlib.suppress(OSError):
+        if os.sched_getscheduler(tid) in (os.SCHED_FIFO, os.SCHED_RR):
+            os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))
+    log.warning("vcpu-unplaced", tid=tid)
 
 
 def check_placed(instance_cg: str, qemu_pid: int, p: Placed, sched: bool = True) -> None:
@@ -87,12 +113,36 @@ def make_realtime(p: Placed) -> None:
         )
 
 
-def move_to_float(cg: CgroupFS, float_cg: str, float_cpus: cpus.CpuSet, pid: int) -> None:
-    """A whole process into float, every thread of it allowed on float's CPUs."""
-    cg.move_process(float_cg, pid)
-    for task in os.listdir(f"/proc/{pid}/task"):
-        with contextlib.suppress(OSError):  # threads come and go
-            os.sched_setaffinity(int(task), float_cpus)
+def move_to_float(
+    cg: CgroupFS,
+    float_cg: str,
+    float_cpus: cpus.CpuSet,
+    pid: int,
+    check: Callable[[], bool] = lambda: True,
+) -> None:
+    """A whole process into float, every thread of it allowed on float's CPUs; each write
+    while the PID (TID) provably is the process `check` approved (bracket.py). Gone: nothing
+    written; Raced: the cgroup move undone, then raised."""
+    try:
+        with bracket.process(pid, check):
+            cg.move_process(float_cg, pid)
+    except bracket.Raced:
+        undo_move(cg, pid)
+        raise
+    for task in procfs.threads(pid):
+        # Threads come and go: Gone and Raced are OSErrors.
+        with contextlib.suppress(OSError), bracket.thread(pid, task):
+            os.sched_setaffinity(task, float_cpus)
+
+
+def undo_move(cg: CgroupFS, pid: int) -> None:
+    """A process moved by a write that raced with the exit of the one checked: whoever holds
+    the PID now goes back to where a new process starts, its parent's cgroup."""
+    where = bracket.parent_cgroup(pid)
+    if where is not None:
+        with contextlib.suppress(CgroupError):
+            cg.move_process(where, pid)
+    log.error("write-raced", pid=pid, undone_to=where)
 
 
 @attrs.frozen
@@ -125,6 +175,8 @@ class Keeper:
         self.qemu_pid = qemu_pid
         self.placed = placed
         self.anchor_pid = anchor_pid
+        # Each vCPU thread's start: a TID that names another thread later is not repinned.
+        self.started = {p.tid: procfs.start_time(qemu_pid, p.tid) for p in placed}
         self.repins = 0
         self.drifts = 0
         self.moved_to_float = 0  # processes out of the container cgroup
@@ -180,7 +232,14 @@ class Keeper:
                 **({"policy": policy, "priority": priority} if p.priority else {}),
             )
             try:
-                place_vcpu(self.cg, self.instance_cg, self.qemu_pid, p)
+                place_vcpu(
+                    self.cg,
+                    self.instance_cg,
+                    self.float_cg,
+                    self.qemu_pid,
+                    p,
+                    self.started.get(p.tid),
+                )
             except PinError as e:
                 log.error("vcpu-repin-failed", vcpu=p.vcpu, tid=p.tid, error=str(e))
             else:
@@ -198,9 +257,14 @@ class Keeper:
         float_cpus = self.cg.cpus(self.float_cg)
         for tid in strays:
             try:
-                self.cg.move_thread(self.float_cg, tid)
-                os.sched_setaffinity(tid, float_cpus)
-            except (CgroupError, OSError) as e:
+                pid = procfs.tgid(tid)
+                with bracket.thread(pid, tid, check=self._in_instance(pid, tid)):
+                    self.cg.move_thread(self.float_cg, tid)
+                    os.sched_setaffinity(tid, float_cpus)
+            except bracket.Raced:
+                unplace(self.cg, self.float_cg, tid)
+                continue
+            except (CgroupError, OSError, KeyError, ValueError) as e:
                 if Path(f"/proc/{self.qemu_pid}/task/{tid}").exists():
                     log.warning("instance-evict-failed", tid=tid, error=str(e))
                 continue
@@ -210,6 +274,12 @@ class Keeper:
                 tid=tid,
                 detail="a thread that is no vCPU was in the instance cgroup, on the vCPUs' CPUs",
             )
+
+    def _in_instance(self, pid: int, tid: int) -> Callable[[], bool]:
+        return lambda: thread_cgroup(pid, tid) == self.instance_cg
+
+    def _in_container(self, pid: int) -> Callable[[], bool]:
+        return lambda: procfs.cgroup(pid) == self.container and not procfs.stat(pid).kernel
 
     def sweep_container(self) -> None:
         """Anything in the container cgroup but the anchor shares the dedicated CPUs with
@@ -225,7 +295,15 @@ class Keeper:
                 st = procfs.stat(pid)
                 if st.kernel:
                     continue  # KVM's workers: the controller's kernel-thread sweep moves them
-                move_to_float(self.cg, self.float_cg, float_cpus, pid)
+                move_to_float(
+                    self.cg,
+                    self.float_cg,
+                    float_cpus,
+                    pid,
+                    self._in_container(pid),
+                )
+            except bracket.Raced:
+                continue  # undone and logged
             except (CgroupError, OSError) as e:
                 if Path(f"/proc/{pid}").exists():
                     log.warning("exec-move-failed", pid=pid, error=str(e))

@@ -187,6 +187,12 @@ def start_time(pid: int, tid: int | None = None) -> int | None:
     return int(text.rsplit(")", 1)[1].split()[_STARTTIME])
 
 
+def rt_throttling() -> tuple[int, int]:
+    """kernel.sched_rt_runtime_us and sched_rt_period_us (-1 runtime: throttling off)."""
+    runtime = int(read("/proc/sys/kernel/sched_rt_runtime_us"))
+    return runtime, int(read("/proc/sys/kernel/sched_rt_period_us"))
+
+
 def exited(pidfd: int) -> bool:
     """A pidfd turns readable when its process has exited (while it has not, its PID is its
     own: nothing read under it can be another process's)."""

@@ -165,7 +165,7 @@ class Embedded:
         assert self._made is not None
         self.cg.move_process(self.layout.float, qemu)  # its RAM is allocated by now
         for p in placed:
-            place_vcpu(self.cg, self._made, qemu, p)
+            place_vcpu(self.cg, self._made, self.layout.float, qemu, p)
 
     async def status(self) -> None:
         return None  # the runner reads and keeps everything itself

@@ -228,8 +228,7 @@ def own_pod(own: str, o: Options) -> kube.PodCgroup:
 
 def check_realtime(isolated: bool) -> None:
     try:
-        runtime = int(procfs.read("/proc/sys/kernel/sched_rt_runtime_us"))
-        period = int(procfs.read("/proc/sys/kernel/sched_rt_period_us"))
+        runtime, period = procfs.rt_throttling()
         plan.check_realtime(isolated, runtime, period)
     except OSError as e:
         raise StartupError(f"realtime vCPUs: cannot read RT throttling: {e}") from None

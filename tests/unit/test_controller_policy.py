@@ -160,7 +160,7 @@ def test_anyone_else_is_refused(kw: dict[str, object], code: int, words: str) ->
 
 def test_a_placement_stays_on_the_instance_cpus_one_vcpu_per_cpu() -> None:
     own = frozenset({2, 3})
-    policy.check_placement([Placed(0, 10, 2), Placed(1, 11, 3, 5)], own)
+    policy.check_placement([Placed(0, 10, 2), Placed(1, 11, 3, 5)], own, RT_ON)
     bad = [
         ([], rpc.INVALID_PARAMS),
         ([Placed(0, 10, 4)], rpc.FORBIDDEN),  # another pod's CPU
@@ -170,8 +170,32 @@ def test_a_placement_stays_on_the_instance_cpus_one_vcpu_per_cpu() -> None:
         ([Placed(0, -5, 2)], rpc.INVALID_PARAMS),
         ([Placed(0, 10, 2, 100)], rpc.INVALID_PARAMS),
         ([Placed(0, 10, 2, -1)], rpc.INVALID_PARAMS),
+        ([Placed(0, 10, 2), Placed(1, 10, 3)], rpc.INVALID_PARAMS),  # one thread twice
     ]
     for vcpus, code in bad:
         with pytest.raises(rpc.RPCError) as e:
-            policy.check_placement(vcpus, own)
+            policy.check_placement(vcpus, own, RT_ON)
         assert e.value.code == code, vcpus
+
+
+RT_ON = policy.Realtime(max_priority=10, throttling=(950000, 1000000))
+
+
+@pytest.mark.parametrize(
+    ("realtime", "priority", "words"),
+    [
+        (policy.Realtime(), 99, "above this node's cap (1"),  # the default cap: KubeVirt's 1
+        (policy.Realtime(10, (950000, 1000000)), 11, "above this node's cap (10"),
+        (policy.Realtime(99, (-1, 1000000)), 99, "RT throttling is off"),
+        (policy.Realtime(99, (0, 1000000)), 1, "no time at all"),
+        (policy.Realtime(99, None), 1, "cannot be read"),
+    ],
+)
+def test_realtime_is_the_nodes_decision(
+    realtime: policy.Realtime, priority: int, words: str
+) -> None:
+    with pytest.raises(rpc.RPCError) as e:
+        policy.check_placement([Placed(0, 10, 2, priority)], frozenset({2}), realtime)
+    assert e.value.code == rpc.FORBIDDEN and words in e.value.message
+    # Without FIFO, throttling does not matter.
+    policy.check_placement([Placed(0, 10, 2)], frozenset({2}), realtime)

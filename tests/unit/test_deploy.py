@@ -197,6 +197,10 @@ def test_example_vm_pod_is_guaranteed_and_sized_for_its_guest() -> None:
     spec_text = config["data"][Path(env["INSTANCE_RUNNER_SPEC"]).name]
     spec = specs.load(spec_text)
     assert mount["readOnly"] is True
+    # The controller's socket directory: connect works read-only, and nothing else may.
+    socket_dir = str(Path(env["INSTANCE_RUNNER_CONTROLLER_SOCKET"]).parent)
+    sockets = next(m for m in c["volumeMounts"] if m["mountPath"] == socket_dir)
+    assert sockets["readOnly"] is True
     assert spec.vcpus == int(res["limits"]["cpu"])
     assert quantity_mib(res["limits"]["memory"]) >= spec.memory_mib + 256
     shutdown = float(env.get("INSTANCE_RUNNER_SHUTDOWN_TIMEOUT", "20"))

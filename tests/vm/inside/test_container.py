@@ -174,7 +174,7 @@ class Cluster:
             f"--volume={self.node.kubelet}:/var/lib/kubelet:ro",
             f"--volume={self.socket}:/run/instance-runner-node/controller.sock"
             if socket_as_file
-            else f"--volume={self.sockets}:/run/instance-runner-node",
+            else f"--volume={self.sockets}:/run/instance-runner-node:ro",
             f"--volume={work / 'run'}:/run/instance-runner",
             "--env=INSTANCE_RUNNER_SPEC=/etc/instance-runner/spec.json",
             "--env=INSTANCE_RUNNER_CONTROLLER_SOCKET=/run/instance-runner-node/controller.sock",
