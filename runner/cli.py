@@ -27,6 +27,30 @@ def _address(_ctx: click.Context, _param: click.Parameter, value: str | None) ->
     return value
 
 
+def _bound(
+    kind: type, suffixes: bool = False
+) -> Callable[[click.Context, click.Parameter, str | None], Any]:
+    """A limit given as a number (with K, M, G for bytes) or "max" (None: no limit)."""
+
+    def parse(_ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
+        if value is None or value == "max":
+            return None
+        scale = 1
+        text = value.strip()
+        if suffixes and text[-1:].upper() in "KMG" and text[-1:]:
+            scale = 1024 ** ("KMG".index(text[-1].upper()) + 1)
+            text = text[:-1]
+        try:
+            number = kind(text) * scale
+        except ValueError:
+            raise click.BadParameter(f"{value!r} is not a number or 'max'") from None
+        if number <= 0:
+            raise click.BadParameter(f"{value!r} must be above 0, or 'max'")
+        return number
+
+    return parse
+
+
 class StepChoice(click.Choice):  # type: ignore[type-arg]
     """The start-up step names, read from the step list only when needed: importing the runner
     costs the controller and every other command seconds in a slow VM."""
@@ -259,6 +283,44 @@ def run(log_format: str, log_level: str, **kw: Any) -> None:
     metavar="N",
     help="The highest SCHED_FIFO priority a pod's realtime vCPU may get (KubeVirt uses 1). "
     "Realtime is refused anyway while RT throttling is off (kernel.sched_rt_runtime_us -1).",
+)
+@option(
+    "--pod-float-pids-max",
+    env="POD_FLOAT_PIDS_MAX",
+    default="1024",
+    show_default=True,
+    metavar="N|max",
+    callback=_bound(int),
+    help="Tasks (processes and threads) one pod may have in float: its pids.max there. A "
+    "fork bomb exec'd into a pod stops here.",
+)
+@option(
+    "--pod-float-cpus",
+    env="POD_FLOAT_CPUS",
+    default="1",
+    show_default=True,
+    metavar="CPUS|max",
+    callback=_bound(float),
+    help="CPU time one pod's helpers together may use in float (its cpu.max there), in CPUs: "
+    "QEMU's main loop and I/O threads, virtiofsd, dnsmasq, anything exec'd into it. Raise it "
+    "for I/O-heavy guests.",
+)
+@option(
+    "--float-pids-max",
+    env="FLOAT_PIDS_MAX",
+    metavar="N|max",
+    callback=_bound(int),
+    help="Tasks every pod's part of float and the vCPUs may have together: pids.max on the "
+    "cgroup root [default: max].",
+)
+@option(
+    "--float-memory-max",
+    env="FLOAT_MEMORY_MAX",
+    metavar="BYTES|max",
+    callback=_bound(int, suffixes=True),
+    help="memory.max on the cgroup root (K, M, G allowed): what every process in float may "
+    "allocate together once moved there. Memory cannot be bounded per pod in a threaded "
+    "subtree; guest RAM preallocated before the move stays the pod's [default: max].",
 )
 @option(
     "--health-address",

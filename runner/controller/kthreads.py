@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable
 
 from runner import cpus
 from runner.log import log
-from runner.node import procfs
+from runner.node import bracket, procfs
 from runner.node.cgroupfs import CgroupError, CgroupFS
 from runner.node.layout import Layout
+from runner.node.pinning import undo_move
 
 
 def sweep(cg: CgroupFS, layout: Layout, uuid: str, container: str, kept: set[int]) -> int:
@@ -35,14 +37,20 @@ def sweep(cg: CgroupFS, layout: Layout, uuid: str, container: str, kept: set[int
         if not st.kernel:
             continue  # a process of the pod: the runner's, or the pod's keeper's, to sweep
         try:
-            cg.move_process(layout.float, pid)
-        except CgroupError as e:
+            with bracket.process(pid, _still(pid, container)):
+                cg.move_process(layout.float_of(uuid), pid)
+                if float_cpus:
+                    with contextlib.suppress(OSError):
+                        os.sched_setaffinity(pid, float_cpus)
+        except bracket.Raced:
+            undo_move(cg, pid)
+            continue
+        except bracket.Gone:
+            continue
+        except (CgroupError, OSError) as e:
             kept.add(pid)
             log.warning("kernel-thread-kept", pid=pid, comm=st.comm, uuid=uuid, error=str(e))
             continue
-        if float_cpus:
-            with contextlib.suppress(OSError):
-                os.sched_setaffinity(pid, float_cpus)
         moved += 1
         log.info(
             "kernel-thread-moved",
@@ -52,3 +60,8 @@ def sweep(cg: CgroupFS, layout: Layout, uuid: str, container: str, kept: set[int
             detail="a kernel thread in the pod's container cgroup, on its dedicated CPUs",
         )
     return moved
+
+
+def _still(pid: int, container: str) -> Callable[[], bool]:
+    """Checked under the bracket: still a kernel thread in the pod's container cgroup."""
+    return lambda: procfs.stat(pid).kernel and procfs.cgroup(pid) == container

@@ -22,12 +22,13 @@ from runner.controller.identity import Peer
 from runner.controller.metrics import ControllerMetrics
 from runner.controller.tenants import Tenant, Tenants, keep
 from runner.log import log
-from runner.node import partition, procfs
+from runner.node import partition, podfloat, procfs
 from runner.node.cgroupfs import CgroupError, CgroupFS, pressures
 from runner.node.floatkeeper import FloatKeeper, FloatUnknown
 from runner.node.kubelet import Unknown, read_state
 from runner.node.layout import Layout, online_cpus, possible_cpus
 from runner.node.partition import PartitionMode
+from runner.node.podfloat import FloatLimits, RootLimits
 from runner.topology import TopologyError, read_host
 
 # A just-registered instance has no threads until its runner pins them. If kubelet lists the
@@ -48,6 +49,19 @@ class ControllerOptions:
     partition: PartitionMode = "none"  # isolated: instance CPUs as isolated partitions
     verify_interval: float = 1.0  # how often placed vCPUs are checked (0: never)
     max_rt_priority: int = 1  # the highest SCHED_FIFO priority a pod's vCPU may get
+    # Each pod's bound in float (None: no cap), and the node-wide one on <root> (podfloat.py).
+    pod_float_pids_max: int | None = podfloat.POD_PIDS_MAX
+    pod_float_cpus: float | None = podfloat.POD_CPUS
+    float_pids_max: int | None = None
+    float_memory_max: int | None = None
+
+    @property
+    def pod_float(self) -> FloatLimits:
+        return FloatLimits(self.pod_float_pids_max, self.pod_float_cpus)
+
+    @property
+    def root_limits(self) -> RootLimits:
+        return RootLimits(self.float_pids_max, self.float_memory_max)
 
 
 class ControllerError(Exception):
@@ -61,6 +75,7 @@ class Service:
         self.lock = trio.Lock()  # cgroup writes: one at a time
         self.online: cpus.CpuSet = frozenset()
         self.possible: cpus.CpuSet = frozenset()
+        self.float_bounds: tuple[str, ...] = ()  # controllers pods' parts of float get
         self.layout = Layout(self.cg, "/")
         self.metrics = ControllerMetrics()
         self.keeper = FloatKeeper(
@@ -103,6 +118,7 @@ class Service:
             if self.cg.read(root, "cpuset.cpus").strip() != cpus.format(self.online):
                 self.cg.set_cpus(root, self.online)
             self.cg.write(root, "cpuset.mems", mems)
+            podfloat.bound_root(self.cg, self.layout, self.opts.root_limits)
             float_cpus: cpus.CpuSet | None = await self.keeper.resync("start")
         except FloatUnknown as e:
             float_cpus = None  # registrations wait until kubelet's state can be read
@@ -114,6 +130,7 @@ class Service:
         if float_cpus is not None:
             # Threads already in float (adopted instances' helpers) get what it has now.
             self.cg.spread_threads(self.layout.float, float_cpus)
+            self.float_bounds = podfloat.enable(self.cg, self.layout)
         log.info(
             "topology-ready",
             root=root,
@@ -139,7 +156,11 @@ class Service:
             live = {u: i.cpus for u, i in self.layout.instances().items()}
             if policy.may_take(p.uuid, wanted, live):
                 self._book(peer, p.uuid)  # the same pod again: what it says now
-                return self._registered(peer, path)
+                try:
+                    self._pod_float(p.uuid)
+                except CgroupError as e:
+                    raise rpc.RPCError(rpc.INTERNAL_ERROR, str(e)) from None
+                return self._registered(peer, p.uuid)
             have = self.layout.float_cpus()
             if have is None:
                 raise rpc.RPCError(
@@ -152,6 +173,7 @@ class Service:
                         raise rpc.RPCError(rpc.FORBIDDEN, "no shared CPU would be left")
                     self.keeper.apply(have, have - wanted, f"register {p.uuid}")
                 self.cg.make_threaded(path, wanted, read_host().mems_of(wanted))
+                self._pod_float(p.uuid)
                 if self.opts.partition == "isolated":
                     partition.isolate_or_warn(self.cg, self.layout.root, path, wanted)
             except (CgroupError, TopologyError, partition.PartitionError) as e:
@@ -163,7 +185,14 @@ class Service:
             self._book(peer, p.uuid)
         log.info("instance-registered", uuid=p.uuid, cpuset=cpus.format(wanted), cgroup=path)
         self.keeper.poke()
-        return self._registered(peer, path)
+        return self._registered(peer, p.uuid)
+
+    def _pod_float(self, uuid: str) -> str:
+        """The pod's part of float, bounded (podfloat.py); made before anything of the pod
+        can be moved there."""
+        if not self.float_bounds:
+            self.float_bounds = podfloat.enable(self.cg, self.layout)
+        return podfloat.make(self.cg, self.layout, uuid, self.opts.pod_float)
 
     def _book(self, peer: Peer, uuid: str) -> None:
         if peer.pod is None or peer.pid is None or peer.pidns is None:
@@ -177,11 +206,11 @@ class Service:
                 rpc.FORBIDDEN, "the caller went away during its registration"
             ) from None
 
-    def _registered(self, peer: Peer, path: str) -> rpc.RegisterResult:
+    def _registered(self, peer: Peer, uuid: str) -> rpc.RegisterResult:
         have = self.layout.float_cpus()
         return rpc.RegisterResult(
-            path,
-            self.layout.float,
+            self.layout.instance(uuid),
+            self.layout.float_of(uuid),
             peer.pod.path if peer.pod is not None else "",
             cpus.format(have) if have is not None else "",
         )
@@ -210,6 +239,9 @@ class Service:
                 ) from None
             self._registered_at.pop(p.uuid, None)
             self.tenants.forget(p.uuid)
+            # What the pod swept there ends with its PID namespace: until then it stays, and
+            # the float keeper removes it once it is empty.
+            await podfloat.remove(self.cg, self.layout.float_of(p.uuid))
         log.info("instance-deregistered", uuid=p.uuid)
         self.keeper.poke()
         return rpc.DeregisterResult(True)
@@ -290,8 +322,10 @@ class Service:
         tenant = self._tenant(peer, p.uuid)
         k = tenant.keeper
         return rpc.StatusResult(
+            # float is the pod's own part of it: float's whole pressure is other pods' doing.
             pressures(
-                self.cg, {"instance": self.layout.instance(p.uuid), "float": self.layout.float}
+                self.cg,
+                {"instance": self.layout.instance(p.uuid), "float": self.layout.float_of(p.uuid)},
             ),
             k.counts() if k else None,
         )

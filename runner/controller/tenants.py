@@ -99,7 +99,9 @@ def find_thread(host_pid: int, tid: int) -> int | None:
 
 def float_processes(cg: CgroupFS, float_cg: str) -> set[int]:
     """float is threaded: its cgroup.procs cannot be read, its threads name their processes."""
-    found = set()
+    found: set[int] = set()
+    if not cg.exists(float_cg):
+        return found
     for tid in cg.threads(float_cg):
         with contextlib.suppress(OSError, KeyError, ValueError):
             found.add(procfs.tgid(tid))
@@ -133,10 +135,18 @@ def refuse(message: str) -> rpc.RPCError:
 class Tenants:
     """Every write an unprivileged pod asks for."""
 
-    def __init__(self, cg: CgroupFS, layout: Layout, max_priority: int = 1) -> None:
+    def __init__(
+        self,
+        cg: CgroupFS,
+        layout: Layout,
+        max_priority: int = 1,
+        pod_float: Callable[[str], str] | None = None,
+    ) -> None:
         self.cg = cg
         self.layout = layout
         self.max_priority = max_priority
+        # The pod's part of float, made if need be (the service's, with the node's bounds).
+        self.pod_float = pod_float or layout.float_of
         self.by_uuid: dict[str, Tenant] = {}
 
     def book(self, uuid: str, container: str, pid: int, ns: int) -> Tenant:
@@ -174,7 +184,8 @@ class Tenants:
         candidates = (
             self.cg.procs(t.container)
             if where == "container"
-            else float_processes(self.cg, self.layout.float)
+            else float_processes(self.cg, self.layout.float_of(t.uuid))
+            | float_processes(self.cg, self.layout.float)  # placed before float was per pod
         )
         host = find_process(t.ns, pid, candidates)
         if host is None:
@@ -204,8 +215,8 @@ class Tenants:
         is_its = self.is_its(t, host, pid)
         try:
             if to == "float":
-                float_cpus = self.cg.cpus(self.layout.float)
-                move_to_float(self.cg, self.layout.float, float_cpus, host, is_its)
+                to_cg = self.pod_float(t.uuid)
+                move_to_float(self.cg, to_cg, self.cg.cpus(to_cg), host, is_its)
             else:
                 try:
                     with bracket.process(host, is_its):
@@ -242,29 +253,26 @@ class Tenants:
                     raise refuse(f"thread {v.tid} is no thread of pod {t.uuid}'s process {p.qemu}")
                 placed.append(Placed(v.vcpu, tid, v.cpu, v.priority))
             starts = {q.tid: procfs.start_time(qemu, q.tid) for q in placed}
-            float_cpus = self.cg.cpus(self.layout.float)
-            move_to_float(
-                self.cg, self.layout.float, float_cpus, qemu, self.is_its(t, qemu, p.qemu)
-            )
+            float_cg = self.pod_float(t.uuid)
+            float_cpus = self.cg.cpus(float_cg)
+            move_to_float(self.cg, float_cg, float_cpus, qemu, self.is_its(t, qemu, p.qemu))
             for q in placed:
                 written.append(q)
-                place_vcpu(self.cg, instance, self.layout.float, qemu, q, starts[q.tid])
+                place_vcpu(self.cg, instance, float_cg, qemu, q, starts[q.tid])
             if procfs.exited(pidfd) or any(
                 procfs.start_time(qemu, q.tid) != starts[q.tid] for q in placed
             ):
                 log.error("tenant-place-raced", uuid=t.uuid, qemu=p.qemu, host_pid=qemu)
                 raise refuse(f"process {p.qemu} of pod {t.uuid} or a vCPU thread exited")
         except BaseException as e:
-            self._unplace(qemu, written, starts)
+            self._unplace(t.uuid, qemu, written, starts)
             os.close(pidfd)
             if isinstance(e, bracket.Gone | bracket.Raced):
                 raise refuse(f"process {p.qemu} of pod {t.uuid} or a vCPU thread exited") from None
             if isinstance(e, PinError | CgroupError):
                 raise rpc.RPCError(rpc.INTERNAL_ERROR, str(e)) from None
             raise
-        keeper = Keeper(
-            self.cg, t.container, instance, self.layout.float, qemu, placed, lambda: anchor
-        )
+        keeper = Keeper(self.cg, t.container, instance, float_cg, qemu, placed, lambda: anchor)
         log.info(
             "tenant-vcpus-placed",
             uuid=t.uuid,
@@ -311,7 +319,7 @@ class Tenants:
             os.close(pidfd)
             raise
         keeper = Keeper(
-            self.cg, container, inst.path, self.layout.float, qemu, placed, lambda: anchor
+            self.cg, container, inst.path, self.pod_float(uuid), qemu, placed, lambda: anchor
         )
         t.keeper = keeper
         log.info("tenant-adopted", uuid=uuid, host_pid=qemu, vcpus=len(placed), container=container)
@@ -340,6 +348,7 @@ class Tenants:
             raise LookupError(f"{len(namespaces)} PID namespaces in {container}")
         (ns,) = namespaces
         self.book(uuid, container, members[container][0], ns)
+        self.pod_float(uuid)
         log.info("tenant-adopted", uuid=uuid, vcpus=0, container=container)
 
     def _cpus_of(self, cgroup: str) -> frozenset[int] | None:
@@ -348,13 +357,15 @@ class Tenants:
         except (CgroupError, ValueError):
             return None
 
-    def _unplace(self, qemu: int, written: list[Placed], starts: Mapping[int, int | None]) -> None:
+    def _unplace(
+        self, uuid: str, qemu: int, written: list[Placed], starts: Mapping[int, int | None]
+    ) -> None:
         """A placement that failed half way: each vCPU written so far back as a helper, while
         its TID is still QEMU's thread."""
         for q in written:
             # Gone: not QEMU's thread any more, nothing to undo.
             with contextlib.suppress(OSError), bracket.thread(qemu, q.tid, starts.get(q.tid)):
-                unplace(self.cg, self.layout.float, q.tid)
+                unplace(self.cg, self.layout.float_of(uuid), q.tid)
 
     def resolve_anywhere(self, t: Tenant, pid: int) -> int:
         try:

@@ -141,12 +141,15 @@ class CgroupFS:
         self.write(cgroup, "cpuset.cpus", cpus.format(cpu_set))
 
     def spread_threads(self, cgroup: str, cpu_set: CpuSet) -> None:
-        """Every thread of `cgroup` allowed on all of `cpu_set`. Needed after a cpuset grows:
-        since 6.2 a thread keeps the affinity it was given, and a growing cpuset does not
-        reach it. Best effort: threads come and go."""
+        """Every thread of `cgroup` and of its children allowed on all of `cpu_set`. Needed
+        after a cpuset grows: since 6.2 a thread keeps the affinity it was given, and a
+        growing cpuset does not reach it. Best effort: threads come and go."""
         for tid in self.threads(cgroup):
             with contextlib.suppress(OSError):
                 os.sched_setaffinity(tid, cpu_set)
+        for child in self.children(cgroup):
+            with contextlib.suppress(CgroupError):
+                self.spread_threads(child, cpu_set)
 
     def move_process(self, cgroup: str, pid: int) -> None:
         self.write(cgroup, "cgroup.procs", str(pid))

@@ -18,7 +18,7 @@ from runner import cpus
 from runner.cpus import CpuSet
 from runner.kube import KubeletState
 from runner.log import log
-from runner.node import partition
+from runner.node import partition, podfloat
 from runner.node.cgroupfs import CgroupError
 from runner.node.kubelet import Unknown, read_state, watch_kubelet_state
 from runner.node.layout import Layout, held_cpus, online_cpus, root_weight, stale
@@ -91,6 +91,12 @@ class FloatKeeper:
                 cpus=cpus.format(inst.cpus),
                 reason="stale: pod gone from cpu_manager_state and no thread left",
             )
+        for uuid, path in layout.pod_floats().items():
+            gone = uuid not in instances and not cg.exists(layout.instance(uuid))
+            if gone and await podfloat.remove(cg, path):
+                log.info(
+                    "pod-float-removed", uuid=uuid, reason="its instance is gone, and it is empty"
+                )
         try:  # what removed ones claimed as isolated partitions goes back to the root's
             partition.trim(cg, layout.root, [i.path for i in instances.values()])
         except (partition.PartitionError, CgroupError) as e:

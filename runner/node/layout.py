@@ -17,6 +17,7 @@ from runner.node.kubelet import Unknown
 
 FLOAT = "float"
 INSTANCE_PREFIX = "instance-"
+POD_FLOAT_PREFIX = "pod-"  # float/pod-<uid>: one pod's part of float (podfloat.py)
 
 
 @attrs.frozen
@@ -79,6 +80,24 @@ class Layout:
 
     def instance(self, uuid: str) -> str:
         return f"{self.root}/{INSTANCE_PREFIX}{uuid}"
+
+    def float_of(self, uuid: str) -> str:
+        """The pod's part of float, where everything of it on the shared CPUs runs."""
+        return f"{self.float}/{POD_FLOAT_PREFIX}{uuid}"
+
+    def pod_floats(self) -> dict[str, str]:
+        """uuid -> the path of each pod's part of float."""
+        if not self.cg.exists(self.float):
+            return {}
+        try:
+            children = self.cg.children(self.float)
+        except CgroupError:
+            return {}
+        return {
+            name.removeprefix(POD_FLOAT_PREFIX): path
+            for path in children
+            if (name := path.rsplit("/", 1)[1]).startswith(POD_FLOAT_PREFIX)
+        }
 
     def instances(self) -> dict[str, Instance]:
         if not self.cg.exists(self.root):

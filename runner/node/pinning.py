@@ -22,6 +22,10 @@ from runner.node import bracket, procfs
 from runner.node.cgroupfs import CgroupError, CgroupFS, thread_cgroup
 from runner.plan import Placed, in_place, sched_as_planned
 
+# What a process swept out of a pod's container cgroup is to the OOM killer: the first to go
+# when <root> is full (podfloat.py), before any tenant's QEMU.
+SWEPT_OOM_SCORE_ADJ = 1000
+
 
 class PinError(Exception):
     """A vCPU could not be placed, or did not stay placed; one line."""
@@ -119,13 +123,18 @@ def move_to_float(
     float_cpus: cpus.CpuSet,
     pid: int,
     check: Callable[[], bool] = lambda: True,
+    oom_score_adj: int | None = None,
 ) -> None:
     """A whole process into float, every thread of it allowed on float's CPUs; each write
     while the PID (TID) provably is the process `check` approved (bracket.py). Gone: nothing
-    written; Raced: the cgroup move undone, then raised."""
+    written; Raced: the cgroup move undone, then raised. `oom_score_adj`: what the OOM killer
+    should think of it from now on (a process swept out of a pod: first to go)."""
     try:
         with bracket.process(pid, check):
             cg.move_process(float_cg, pid)
+            if oom_score_adj is not None:
+                with contextlib.suppress(OSError):
+                    Path(f"/proc/{pid}/oom_score_adj").write_text(str(oom_score_adj))
     except bracket.Raced:
         undo_move(cg, pid)
         raise
@@ -301,6 +310,7 @@ class Keeper:
                     float_cpus,
                     pid,
                     self._in_container(pid),
+                    SWEPT_OOM_SCORE_ADJ,
                 )
             except bracket.Raced:
                 continue  # undone and logged

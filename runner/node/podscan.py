@@ -324,7 +324,7 @@ def on_node(
         uid=uid,
         seen_from="node",
         instance_cgroup=instance,
-        float_cgroup=layout.float,
+        float_cgroup=layout.float_of(uid),
         float_cpus=float_cpus,
         dedicated=dedicated,
         qemu_pid=qemu,

@@ -22,7 +22,7 @@ import trio
 from runner import cpus, kube, rpc
 from runner.cpus import CpuSet
 from runner.log import log
-from runner.node import partition, procfs
+from runner.node import partition, podfloat, procfs
 from runner.node.cgroupfs import CgroupError, CgroupFS
 from runner.node.floatkeeper import FloatKeeper, FloatUnknown, float_target
 from runner.node.kubelet import Unknown, read_state
@@ -95,6 +95,7 @@ class Embedded:
         self.partition = mode
         self._made: str | None = None
         self._isolated = False
+        self.float = self.layout.float_of(uuid)  # this pod's part of float (podfloat.py)
 
     def shared_cpus(self) -> CpuSet:
         state = read_state(self.kubelet_dir)
@@ -124,6 +125,8 @@ class Embedded:
                 )
             self._made = instance  # ours from here on, even if the next writes fail
             self.cg.make_threaded(instance, own, plan.mems)
+            podfloat.enable(self.cg, self.layout)
+            self.float = podfloat.make(self.cg, self.layout, self.uuid, podfloat.FloatLimits())
             if self.partition == "isolated":
                 self._isolated = partition.isolate_or_warn(self.cg, self.layout.root, instance, own)
         except FloatUnknown as e:
@@ -134,7 +137,7 @@ class Embedded:
             raise StartupError(
                 f"cannot make the instance CPUs an isolated partition: {e}"
             ) from None
-        return Cgroups(self.layout.float, instance, float_cpus)
+        return Cgroups(self.float, instance, float_cpus)
 
     async def maintain(self) -> None:
         await self.keeper.follow(KUBELET_RESYNC)
@@ -151,9 +154,10 @@ class Embedded:
             else:
                 log.info("partition-undone", cgroup=self._made)
         await self.cg.remove(self._made)
+        await podfloat.remove(self.cg, self.float)  # else the float keeper, once empty
 
     async def enter_float(self, pid: int) -> None:
-        self.cg.move_process(self.layout.float, pid)
+        self.cg.move_process(self.float, pid)
 
     async def leave_float(self, pid: int) -> None:
         self.cg.move_process(self.container, pid)
@@ -163,9 +167,9 @@ class Embedded:
 
     async def place(self, qemu: int, placed: list[Placed], anchor: int) -> None:
         assert self._made is not None
-        self.cg.move_process(self.layout.float, qemu)  # its RAM is allocated by now
+        self.cg.move_process(self.float, qemu)  # its RAM is allocated by now
         for p in placed:
-            place_vcpu(self.cg, self._made, self.layout.float, qemu, p)
+            place_vcpu(self.cg, self._made, self.float, qemu, p)
 
     async def status(self) -> None:
         return None  # the runner reads and keeps everything itself

@@ -147,10 +147,19 @@ def container_of(uid: str) -> Path:
     return container
 
 
+def float_of(uid: str) -> str:
+    """The pod's part of float, as the node names it."""
+    return f"/instances/float/pod-{uid}"
+
+
 def assert_nothing_left(uid: str) -> None:
     assert not (INSTANCES / f"instance-{uid}").exists(), "instance cgroup left behind"
     if FLOAT.exists():
         assert (FLOAT / "cgroup.threads").read_text() == "", "threads left in float"
+    # Removed at deregistration, or by the float keeper once what the pod swept there ended
+    # with its PID namespace.
+    own = CG / float_of(uid).lstrip("/")
+    wait_for(lambda: not own.exists(), timeout=15, what=f"{own} to be removed")
     assert not [c for c in kube_cgroups() if any(f in c for f in uid_forms(uid))]
 
 
@@ -250,7 +259,7 @@ def assert_placed(runner: int, uid: str, pod_cpus: set[int], online: set[int]) -
         for t in tasks(p):
             if t in vcpu_tids:
                 continue
-            assert task_cgroup(p, t) == "/instances/float", (p, t, comm(p))
+            assert task_cgroup(p, t) == float_of(uid), (p, t, comm(p))
             assert not os.sched_getaffinity(t) & pod_cpus, (p, t, comm(p))
             checked += 1
     assert checked >= 3  # runner, QEMU main thread, QEMU's other threads

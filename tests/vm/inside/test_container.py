@@ -28,6 +28,7 @@ from .pods import (
     container_of,
     cpu_list,
     float_cpus,
+    float_of,
 )
 from .rpc_probe import exchange
 
@@ -284,7 +285,8 @@ def test_unprivileged_vm_pod_is_placed_by_the_controller(cluster: Cluster) -> No
     assert bin(capabilities(runner)).count("1") == len(cluster.pod_capabilities)
     # A cgroup namespace of its own, and in float as the node sees it.
     assert os.readlink(f"/proc/{runner}/ns/cgroup") != os.readlink("/proc/self/ns/cgroup")
-    assert Path(f"/proc/{runner}/cgroup").read_text().strip() == "0::/instances/float"
+    cgroup = Path(f"/proc/{runner}/cgroup").read_text().strip()
+    assert cgroup == f"0::{float_of(vm.pod.uid)}"
     assert_placed(runner, vm.pod.uid, vm.cpus, ONLINE)
     assert {v["cpu"] for v in ready["vcpus"]} == vm.cpus
 

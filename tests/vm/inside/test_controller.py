@@ -34,6 +34,7 @@ from .pods import (
     error_lines,
     events,
     float_cpus,
+    float_of,
     host_vcpus,
     pod_process,
     start,
@@ -360,7 +361,9 @@ def test_kernel_threads_in_the_container_cgroup_go_to_float(
     try:
         assert os.sched_getaffinity(kthread) & {1, 2}  # on the dedicated CPUs now
         wait_for(
-            lambda: Path(f"/proc/{kthread}/cgroup").read_text().strip() == "0::/instances/float",
+            lambda: (
+                Path(f"/proc/{kthread}/cgroup").read_text().strip() == f"0::{float_of(pod.pod.uid)}"
+            ),
             timeout=30,
             what="the controller to move the kernel thread to float",
         )
@@ -426,7 +429,7 @@ def test_an_unprivileged_pod_is_placed_and_kept_by_the_controller(
         children = Path(f"/proc/{execd.pid}/task/{execd.pid}/children")
         (child,) = wait_for(lambda: children.read_text().split(), what="nsenter's child")
         wait_for(
-            lambda: task_cgroup(int(child), int(child)) == "/instances/float",
+            lambda: task_cgroup(int(child), int(child)) == float_of(pod.pod.uid),
             timeout=10,
             what="the controller to move the exec'd process to float",
         )
@@ -541,7 +544,7 @@ def test_an_unprivileged_pod_serves_a_share_from_a_chroot_sandbox(
     runner = rp.runner_pid()
     virtiofsd = pod_process(rp, "virtiofsd")
     assert "sandbox=chroot" in Path(f"/proc/{virtiofsd}/cmdline").read_bytes().decode()
-    assert task_cgroup(virtiofsd, virtiofsd) == "/instances/float"
+    assert task_cgroup(virtiofsd, virtiofsd) == float_of(rp.pod.uid)
     assert comm(int(Path(f"/proc/{virtiofsd}/stat").read_text().rsplit(")", 1)[1].split()[1])) == (
         "instance-runner"
     )  # its parent: no unshare and mount wrapper of ours

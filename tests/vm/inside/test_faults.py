@@ -19,6 +19,7 @@ from .pods import (
     cpu_list,
     error_lines,
     events,
+    float_of,
     plumbed_spec,
     pod_process,
     running,
@@ -214,7 +215,7 @@ def test_dnsmasq_killed_is_restarted(node: Node, tmp_path: Path, fault: Fault) -
     new = restarted()
     assert new is not None
     cgroup = Path(f"/proc/{new}/cgroup").read_text().strip()
-    assert cgroup == "0::/instances/float", cgroup
+    assert cgroup == f"0::{float_of(rp.pod.uid)}", cgroup
     fault.saw(f"dnsmasq {first} -> {new}, in float")
     assert vcpus_pinned(vcpus)
     stop(rp, fault)

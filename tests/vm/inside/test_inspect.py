@@ -21,6 +21,7 @@ from .pods import (
     assert_nothing_left,
     comm,
     container_of,
+    float_of,
     host_vcpus,
     pod_processes,
     start_runner,
@@ -126,7 +127,7 @@ def test_from_the_node_every_thread_of_the_pod(pod: Pinned) -> None:
     assert got["problems"] == [] and got["ok"] is True
     assert got["pod_uid"] == pod.uid and got["seen_from"] == "node"
     assert got["instance_cgroup"] == f"/instances/instance-{pod.uid}"
-    assert got["float_cgroup"] == "/instances/float"
+    assert got["float_cgroup"] == float_of(pod.uid)
     assert got["container_cgroup"] == f"/{pod.container.relative_to(CG)}"
     assert (got["dedicated_cpus"], got["float_cpus"]) == ("1-2", "0,3")
 

@@ -57,8 +57,10 @@ def qemus_of(rp: RunnerPod) -> list[int]:
 
 
 def float_threads_allowed() -> list[set[int]]:
+    """Every thread of float and of the pods' parts of it."""
     found = []
-    for t in (FLOAT / "cgroup.threads").read_text().split():
+    threads = [FLOAT / "cgroup.threads", *FLOAT.glob("pod-*/cgroup.threads")]
+    for t in (tid for f in threads for tid in f.read_text().split()):
         try:
             found.append(os.sched_getaffinity(int(t)))
         except OSError:
@@ -460,7 +462,7 @@ class _Pid:
 
 def _in_float(pid: int) -> bool:
     try:
-        return Path(f"/proc/{pid}/cgroup").read_text().strip() == "0::/instances/float"
+        return Path(f"/proc/{pid}/cgroup").read_text().strip().startswith("0::/instances/float")
     except OSError:
         return False
 

@@ -29,6 +29,7 @@ from .pods import (
     assert_nothing_left,
     container_of,
     events,
+    float_of,
     host_vcpus,
     start_runner,
     task_cgroup,
@@ -272,7 +273,7 @@ def test_a_running_instance_is_seen_whole(node: Node, tmp_path: Path) -> None:
                 what="the sweep to be counted",
             )
             (busy,) = Path(f"/proc/{hog.pid}/task/{hog.pid}/children").read_text().split()
-            assert Path(f"/proc/{busy}/cgroup").read_text().strip() == "0::/instances/float"
+            assert Path(f"/proc/{busy}/cgroup").read_text().strip() == f"0::{float_of(uid)}"
         finally:
             kill(hog)
 
@@ -287,7 +288,7 @@ def test_a_running_instance_is_seen_whole(node: Node, tmp_path: Path) -> None:
             timeout=30,
             what="the eviction to be counted",
         )
-        assert task_cgroup(qemu, io) == "/instances/float"
+        assert task_cgroup(qemu, io) == float_of(uid)
         assert not os.sched_getaffinity(io) & set(pinned.values())
 
         # inspect from inside the pod: its own instance, every cgroup by the node's name.
@@ -296,14 +297,12 @@ def test_a_running_instance_is_seen_whole(node: Node, tmp_path: Path) -> None:
         (got,) = json.loads(r.stdout)["instances"]
         assert got["ok"] and (got["pod_uid"], got["seen_from"]) == (uid, "pod")
         assert got["instance_cgroup"] == f"/instances/instance-{uid}"
-        assert got["float_cgroup"] == "/instances/float"
+        assert got["float_cgroup"] == float_of(uid)
         assert got["container_cgroup"] == container and got["runner_pid"] == 1
         vcpus = [t for t in got["threads"] if t["role"] == "vcpu"]
         assert {t["vcpu"]: int(t["allowed_cpus"]) for t in vcpus} == pinned
         assert {t["cgroup"] for t in vcpus} == {f"/instances/instance-{uid}"}
-        assert {t["cgroup"] for t in got["threads"] if t["role"] == "qemu-main"} == {
-            "/instances/float"
-        }
+        assert {t["cgroup"] for t in got["threads"] if t["role"] == "qemu-main"} == {float_of(uid)}
 
         c = scrape("127.0.0.1:9472")
         requests = {
@@ -352,7 +351,7 @@ def test_a_noisy_neighbour_delays_vcpus_only_without_isolation(node: Node, tmp_p
             # Each exec takes a while under nested emulation: the window opens once all four
             # are busy where they will stay (isolated: swept to float, else the container).
             home = (
-                "/instances/float"
+                float_of(rp.pod.uid)
                 if mode == "isolated"
                 else "/" + str(container_of(rp.pod.uid).relative_to(CG))
             )
