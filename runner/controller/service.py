@@ -82,9 +82,8 @@ class Service:
             self.layout, opts.kubelet_dir, self._young, timed=self.metrics.reconcile.observe
         )
         self._registered_at: dict[str, float] = {}
-        self.tenants = Tenants(
-            self.cg, self.layout, opts.max_rt_priority
-        )  # registered pods, by instance uuid
+        # Registered pods, by instance uuid.
+        self.tenants = Tenants(self.cg, self.layout, opts.max_rt_priority, self._pod_float)
         self.own_ns = procfs.pid_namespace(os.getpid())
         self.nursery: trio.Nursery | None = None  # where pods' keepers run (the server's)
         self._kept: set[int] = set()  # kernel threads the kernel would not let go
@@ -369,7 +368,9 @@ class Service:
             self.metrics.answered("-", req.error.code if req.error else None)
             return req
         if isinstance(req, rpc.Notification):
-            log.warning("notification-ignored", method=req.method, pid=peer.pid)
+            log.warning(
+                "notification-ignored", method=req.method, pid=peer.pid, detail="connection closed"
+            )
             return None
         handlers: dict[str, Callable[[Peer, Any], Awaitable[object]]] = {
             "registerCgroup": self.register,
@@ -383,7 +384,9 @@ class Service:
         try:
             result = await handlers[req.method](peer, req.params)
         except rpc.RPCError as e:
-            log.warning("request-refused", method=req.method, pid=peer.pid, error=e.message)
+            log.warning(
+                "request-refused", method=req.method, pid=peer.pid, peer=peer.how, error=e.message
+            )
             self.metrics.answered(req.method, e.code)
             return rpc.error(req.id, e.code, e.message)
         except Exception as e:  # a handler bug answers this request, never kills the daemon

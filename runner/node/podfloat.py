@@ -53,6 +53,8 @@ def enable(cg: CgroupFS, layout: Layout) -> tuple[str, ...]:
     them; returns those float's children get. A missing one is named in one warning: its
     bound is then not kept."""
     parent = layout.root.rsplit("/", 1)[0] or "/"
+    # cpuset too: a pod's part shows float's CPUs as its own effective ones.
+    cg.enable(layout.float, "cpuset")
     got = []
     for controller in CONTROLLERS:
         try:

@@ -42,3 +42,29 @@ def test_format(cpuset: set[int], text: str) -> None:
 def test_round_trip(cpuset: set[int]) -> None:
     assert cpus.parse(cpus.format(cpuset)) == cpuset
     assert cpus.parse(cpus.format(cpuset) + "\n") == cpuset
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("0-50000000", "beyond this node's possible CPUs (0-7)"),
+        ("0-4294967295:1/4294967295", "beyond"),
+        ("8", "beyond"),
+        ("0-7,0-7", "more CPUs than this node has (8)"),
+        (",".join(["3"] * 9), "more CPUs than this node has"),
+    ],
+)
+def test_a_bound_refuses_before_expanding(text: str, words: str) -> None:
+    with pytest.raises(cpus.CpuListError, match=words.replace("(", r"\(").replace(")", r"\)")):
+        cpus.parse(text, bound=8)
+
+
+def test_a_bound_admits_what_the_node_has() -> None:
+    assert cpus.parse("0-7", bound=8) == set(range(8))
+    assert cpus.parse("0-7:1/2", bound=8) == {0, 2, 4, 6}
+
+
+def test_errors_quote_a_long_list_briefly() -> None:
+    with pytest.raises(cpus.CpuListError) as e:
+        cpus.parse("x" * 60000)
+    assert len(str(e.value)) < 200

@@ -20,6 +20,9 @@ MODULES: list[tuple[str, str, list[str], int]] = [
     # The image under podman and crun: its layers and two containers live in the VM's memory.
     ("container", "test_container.py", ["--cpus", "4", "--memory", "4096"], 200),
     ("faults", "test_faults.py", ["--cpus", "4"], 180),
+    # The hostile tenant: one controller, a victim, an attacker and a probe pod, each attack
+    # from inside an unprivileged pod.
+    ("tenants", "test_tenants.py", ["--cpus", "6"], 200),
     ("runner", "test_runner.py", ["--cpus", "4"], 180),
     # Metrics, probes and inspect: what an operator sees of a running instance; and isolated
     # partitions (6.12), or their fallback with one warning (6.1).

@@ -254,6 +254,10 @@ def fault(request: pytest.FixtureRequest, node: Node, tmp_path: Path) -> Iterato
         crash = getattr(report.longrepr, "reprcrash", None)
         message = crash.message if crash is not None else str(report.longrepr)
         f.saw("FAILED: " + message.splitlines()[0][:200])
+    skipped = report is not None and report.skipped
+    if skipped:  # a scenario this kernel cannot have: shown as a skip, with its reason
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else "skipped"
+        f.saw("skipped: " + str(reason).removeprefix("Skipped: "))
     found = leftovers([pod.uid for pod in node.pods], tmp_path)
     out = os.environ.get("FAULT_REPORT")
     if out:
@@ -264,6 +268,7 @@ def fault(request: pytest.FixtureRequest, node: Node, tmp_path: Path) -> Iterato
             "observed": "; ".join(f.observed),
             "leftovers": found,
             "passed": passed and not found,
+            "skipped": skipped and not found,
         }
         with open(out, "a") as report_file:
             report_file.write(json.dumps(row) + "\n")

@@ -186,10 +186,62 @@ async def bench(path: str, rounds: int, concurrency: int) -> None:
     )
 
 
+def watch(path: str, out: str) -> None:
+    """A second pod's view of the controller: a health call every 50 ms, each written as
+    "<monotonic start> <seconds> <ok>" (the clock is the node's: the test reads the window)."""
+    with open(out, "a", buffering=1) as f:
+        while True:
+            started = time.monotonic()
+            try:
+                answer = exchange(path, request("health", {}), timeout=5)
+                ok = answer is not None and answer.get("result", {}).get("status") == "ok"
+            except OSError:
+                ok = False
+            f.write(f"{started:.3f} {time.monotonic() - started:.4f} {int(ok)}\n")
+            time.sleep(0.05)
+
+
+# containerd's default capabilities (capability.h numbers): what an exec'd process keeps.
+DEFAULT_CAPS = {0, 1, 3, 4, 5, 6, 7, 8, 10, 13, 18, 27, 29, 31}
+PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS = 24, 38
+
+
+def as_the_runtime_execs() -> None:
+    """Keep the runtime's default capabilities alone (the bounding set, then exec again so
+    that root's permitted set is what is left), with no_new_privs."""
+    if os.environ.get("PROBE_CAPS_DROPPED"):
+        return
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    last = int(Path("/proc/sys/kernel/cap_last_cap").read_text())
+    for cap in set(range(last + 1)) - DEFAULT_CAPS:
+        if libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), f"cannot drop capability {cap}")
+    if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "cannot set no_new_privs")
+    os.environ["PROBE_CAPS_DROPPED"] = "1"
+    os.execv(sys.executable, [sys.executable, *sys.argv])
+
+
+def attack(name: str, path: str, *args: str) -> None:
+    """One hostile tenant's attack, as root exec'd into its own unprivileged VM pod (its UID
+    from the environment, as the runner has it); each outcome printed as a JSON line."""
+    as_the_runtime_execs()
+    import attacks  # beside this file
+
+    for case, answer in getattr(attacks, name.replace("-", "_"))(path, *args):
+        print(json.dumps({"case": case, "answer": answer}), flush=True)
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "probe":
         probe(sys.argv[2], sys.argv[3], sys.argv[4])
     elif sys.argv[1] == "tenant":
         tenant(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
+    elif sys.argv[1] == "watch":
+        watch(sys.argv[2], sys.argv[3])
+    elif sys.argv[1] == "attack":
+        attack(sys.argv[2], sys.argv[3], *sys.argv[4:])
     else:
         trio.run(bench, sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))

@@ -323,15 +323,16 @@ def test_damaged_kubelet_state_while_running(
 
 
 def test_bench_registration_latency(node: Node, tmp_path: Path, daemon: Daemon) -> None:
-    """Not a timing assertion: prints the numbers (p50/p99) for the record."""
+    """Not a timing assertion: prints the numbers (p50/p99) for the record. One pod may hold
+    8 connections at once (server.MAX_PER_CALLER): that is its concurrency."""
     bench = node.start(
-        "--cpus", "1", cmd=[sys.executable, PROBE, "bench", str(daemon.socket), "100", "50"]
+        "--cpus", "1", cmd=[sys.executable, PROBE, "bench", str(daemon.socket), "96", "8"]
     )
     out, err = bench.proc.communicate(timeout=300)
     assert bench.proc.returncode == 0, err
     result = json.loads(out.strip().splitlines()[-1])
     print(f"\nregistration latency: {result}")
-    assert result["sequential_fresh"]["n"] == 100 and result["concurrent_50"]["n"] == 100
+    assert result["sequential_fresh"]["n"] == 96 and result["concurrent_8"]["n"] == 96
 
 
 def kernel_thread(names: tuple[str, ...]) -> int:
