@@ -385,7 +385,11 @@ class Service:
             result = await handlers[req.method](peer, req.params)
         except rpc.RPCError as e:
             log.warning(
-                "request-refused", method=req.method, pid=peer.pid, peer=peer.how, error=e.message
+                "request-refused",
+                method=req.method,
+                pid=peer.pid,
+                peer=peer.how,
+                error=rpc.trim(e.message),  # it may quote what the caller sent
             )
             self.metrics.answered(req.method, e.code)
             return rpc.error(req.id, e.code, e.message)

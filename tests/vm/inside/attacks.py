@@ -57,8 +57,8 @@ def comm(path: str, seconds: str = "300") -> Outcome:
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(15, b"\xff\xfe\xfd", 0, 0, 0)  # PR_SET_NAME
     yield "comm", Path("/proc/self/comm").read_bytes().rstrip(b"\n").hex()
-    status = Path("/proc/self/status").read_text().splitlines()
-    yield "caps", next(x for x in status if x.startswith("CapEff:")).split()[1]
+    status = Path("/proc/self/status").read_bytes().splitlines()  # its Name is not UTF-8
+    yield "caps", next(x for x in status if x.startswith(b"CapEff:")).split()[1].decode()
     yield "health", ask(path, "health", {})
     yield "sleeping", True
     time.sleep(float(seconds))
@@ -283,20 +283,19 @@ def register(path: str) -> Outcome:
 
 
 def register_then_move(path: str, gate: str) -> Outcome:
-    """PID 1 of a fresh pod: register, wait for `gate` (the controller restarts meanwhile),
-    then ask to be moved to float and back, and deregister."""
-    yield (
-        "register",
-        code(
-            ask(
-                path,
-                "registerCgroup",
-                {"uuid": me(), "cpuset": ",".join(str(c) for c in my_cpus())},
-            )
-        ),
-    )
+    """PID 1 of a fresh pod, with an anchor (a container cgroup with no process left is
+    removed, as systemd removes a scope): register, wait for `gate` (the controller restarts
+    meanwhile), then ask to be moved to float and back, and deregister."""
+    anchor = os.fork()
+    if anchor == 0:
+        time.sleep(3600)
+        os._exit(0)
+    cpuset = ",".join(str(c) for c in my_cpus())
+    yield "register", code(ask(path, "registerCgroup", {"uuid": me(), "cpuset": cpuset}))
     while not Path(gate).exists():
         time.sleep(0.1)
     yield "to float", ask(path, "moveProcess", {"uuid": me(), "pid": 1, "to": "float"})["answer"]
     yield "back", ask(path, "moveProcess", {"uuid": me(), "pid": 1, "to": "container"})["answer"]
     yield "deregister", ask(path, "deregisterCgroup", {"uuid": me()})["answer"]
+    os.kill(anchor, 9)
+    os.waitpid(anchor, 0)

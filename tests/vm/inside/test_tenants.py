@@ -9,18 +9,20 @@ CPUs, every other thread of it in its part of float."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from .conftest import CG, Fault, Node, wait_for
+from .conftest import CG, Fault, Node, Pod, wait_for
 from .pods import (
     FLOAT,
     INSTANCES,
@@ -60,7 +62,7 @@ class Boundary:
         self.daemon.socket = self.sockets / "controller.sock"
         self.daemon.extra = (
             *("--pod-float-pids-max", str(PIDS_MAX), "--pod-float-cpus", str(CPUS_CAP)),
-            *("--verify-interval", "0.5"),
+            *("--verify-interval", "0.5", "--idle-timeout", "10"),
         )
         self.daemon.start()
         self.victim = self.vm_pod("1", "victim")
@@ -103,7 +105,8 @@ class Boundary:
         runner = self.attacker.runner_pid()
         procs = container_of(self.attacker.pod.uid) / "cgroup.procs"
         inner = [
-            *("nsenter", "--target", str(runner), "--mount", "--cgroup", "--"),
+            # --root: the pod's root is the test VM's chroot, not its mount namespace's root.
+            *("nsenter", "--target", str(runner), "--mount", "--cgroup", "--root", "--wd", "--"),
             *("env", f"INSTANCE_RUNNER_POD_UID={self.attacker.pod.uid}"),
             # The probe keeps the runtime's default capabilities alone before it attacks.
             *(PYTHON, PROBE, "attack", attack, str(self.daemon.socket), *args),
@@ -133,6 +136,29 @@ class Boundary:
         proc = self.exec(attack, *args)
         out, err = proc.communicate(timeout=timeout)
         assert proc.returncode == 0, err
+        return {r["case"]: r["answer"] for r in map(json.loads, out.splitlines())}
+
+    def pod_run(self, attack: str, *args: str, uid: str | None = None) -> Pod:
+        """An attack as PID 1 of a pod of its own on CPU 4 (unprivileged, private namespaces):
+        a process that stays in its container cgroup, as a runner registering does."""
+        uid = uid or str(uuid.uuid4())
+        return self.node.start(
+            "--cpus",
+            "4",
+            *UNPRIVILEGED_POD,
+            "--read-only-path",
+            str(self.sockets),
+            uid=uid,
+            cmd=[
+                *("env", f"INSTANCE_RUNNER_POD_UID={uid}"),
+                *(PYTHON, PROBE, "attack", attack, str(self.daemon.socket), *args),
+            ],
+        )
+
+    @staticmethod
+    def outcomes(pod: Pod, timeout: float = 120) -> dict[str, object]:
+        out, err = pod.proc.communicate(timeout=timeout)
+        assert pod.proc.returncode == 0, err
         return {r["case"]: r["answer"] for r in map(json.loads, out.splitlines())}
 
     def samples(self, start: float, end: float) -> list[tuple[float, float, bool]]:
@@ -226,7 +252,8 @@ def test_a_process_name_that_is_not_utf8(b: Boundary, fault: Fault) -> None:
         assert any(e["comm"] == "\udcff\udcfe\udcfd" for e in moved), moved[-3:]
         fault.saw(f"swept to {attacker.rsplit('/', 1)[1][:12]}…")
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     b.check(fault, since)
 
@@ -237,7 +264,7 @@ def test_a_cpu_list_beyond_the_node(b: Boundary, fault: Fault) -> None:
         "-32602 at once for each, naming the node's possible CPUs; nothing expanded",
     )
     since = time.monotonic()
-    answers = b.run("cpu-range")
+    answers = b.outcomes(b.pod_run("cpu-range"))
     assert {a["code"] for a in answers.values()} == {-32602}, answers  # type: ignore[index]
     slowest = max(a["seconds"] for a in answers.values())  # type: ignore[index]
     assert slowest < HEALTH_BOUND
@@ -388,7 +415,7 @@ def test_unknown_kubelet_state_grants_nothing(b: Boundary, fault: Fault) -> None
     float_before = (FLOAT / "cpuset.cpus").read_text()
     state.unlink()
     try:
-        answers = b.run("register")
+        answers = b.outcomes(b.pod_run("register"))
     finally:
         state.write_text(good)
     assert answers["code"] == -32003 and "unknown" in answers["message"], answers  # type: ignore[operator]
@@ -405,18 +432,7 @@ def test_a_restart_between_registration_and_placement(b: Boundary, fault: Fault)
     since = time.monotonic()
     gate = b.tmp / "gate"
     uid = "5ca1ab1e-0000-4000-8000-000000000001"
-    probe = b.node.start(
-        "--cpus",
-        "4",
-        *UNPRIVILEGED_POD,
-        "--read-only-path",
-        str(b.sockets),
-        uid=uid,
-        cmd=[
-            *("env", f"INSTANCE_RUNNER_POD_UID={uid}"),
-            *(PYTHON, PROBE, "attack", "register-then-move", str(b.daemon.socket), str(gate)),
-        ],
-    )
+    probe = b.pod_run("register-then-move", str(gate), uid=uid)
     assert probe.proc.stdout is not None
     first = json.loads(probe.proc.stdout.readline())
     assert first == {"case": "register", "answer": None}, first
@@ -425,9 +441,9 @@ def test_a_restart_between_registration_and_placement(b: Boundary, fault: Fault)
     gate.touch()
     out, err = probe.proc.communicate(timeout=60)
     answers = {r["case"]: r["answer"] for r in map(json.loads, out.splitlines())}
-    assert answers["to float"]["result"] == {"moved": True}, (answers, err)
-    assert answers["back"]["result"] == {"moved": True}, answers
-    assert answers["deregister"]["result"] == {"removed": True}, answers
+    assert answers["to float"].get("result") == {"moved": True}, (answers, err)
+    assert answers["back"].get("result") == {"moved": True}, answers
+    assert answers["deregister"].get("result") == {"removed": True}, answers
     assert any(e["event"] == "tenant-adopted" and e["uuid"] == uid for e in b.log())
     fault.saw("adopted; moved to float and back, deregistered")
     b.check(fault, since)
@@ -445,7 +461,7 @@ def test_a_spinning_tenant_in_float(b: Boundary, fault: Fault) -> None:
     )
     since = time.monotonic()
     qemu = pod_process(b.victim, "qemu-system")
-    window = 8.0
+    window = 5.0
     quiet_start = run_delay_ns(qemu)
     time.sleep(window)
     quiet = (run_delay_ns(qemu) - quiet_start) / window / 1e6
