@@ -243,6 +243,10 @@ class Notification:
 
 def decode_request(line: bytes) -> Request | Response | Notification:
     """A request, the error response that answers a malformed one, or a notification."""
+    # Every value but the first follows a comma or a colon: a line with more of them than a
+    # request may hold values is refused before the parser builds any of them.
+    if line.count(b",") + line.count(b":") > MAX_VALUES:
+        return error(None, INVALID_REQUEST, f"invalid request: more than {MAX_VALUES} values")
     try:
         doc = json.loads(line)
     except RecursionError:

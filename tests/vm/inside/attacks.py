@@ -231,7 +231,9 @@ def connections(path: str, cap: str = "8") -> Outcome:
     try:
         extra.sendall(request("health", {}))
         got = extra.recv(4096)
-        yield "one more", "closed" if not got else got.decode()[:80]
+        yield "one more", "refused" if not got else got.decode()[:80]
+    except (ConnectionResetError, BrokenPipeError):
+        yield "one more", "refused"  # closed with our request unread
     except OSError as e:
         yield "one more", errno.errorcode.get(e.errno or 0)
     finally:
@@ -272,14 +274,18 @@ def who_knows(path: str) -> Outcome:
     yield "own status", sorted(status.get("pressure", {}))
 
 
-def register(path: str) -> Outcome:
-    outcome = ask(
-        path,
-        "registerCgroup",
-        {"uuid": me(), "cpuset": Path("/sys/fs/cgroup/cpuset.cpus.effective").read_text().strip()},
-    )
+def register(path: str, gate: str) -> Outcome:
+    """PID 1 of a fresh pod: once `gate` exists, register its own CPUs; then wait for
+    `gate`.done before leaving (the node puts things back meanwhile)."""
+    yield "waiting", True
+    while not Path(gate).exists():
+        time.sleep(0.1)
+    cpuset = Path("/sys/fs/cgroup/cpuset.cpus.effective").read_text().strip()
+    outcome = ask(path, "registerCgroup", {"uuid": me(), "cpuset": cpuset})
     yield "code", code(outcome)
     yield "message", ((outcome["answer"] or {}).get("error") or {}).get("message", "")[:120]
+    while not Path(gate + ".done").exists():
+        time.sleep(0.1)
 
 
 def register_then_move(path: str, gate: str) -> Outcome:

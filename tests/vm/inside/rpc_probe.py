@@ -21,13 +21,13 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from runner import kube
-
-if TYPE_CHECKING:
-    import trio  # imported where used: it costs seconds under nested emulation
+if TYPE_CHECKING:  # imported where used: each costs seconds under nested emulation
+    from runner import kube
 
 
 def own_pod() -> kube.PodCgroup:
+    from runner import kube
+
     return kube.parse_pod_cgroup(kube.own_cgroup_path(Path("/proc/self/cpuset").read_text(), None))
 
 
@@ -78,6 +78,8 @@ def tenant(path: str, victim: str, qemu: int, vcpu_tid: int) -> None:
     """As a pod's own process. In a private cgroup namespace (exec'd into a VM pod that is
     not privileged, whose runner registered it already) the pod is the one the environment
     names, and its own registration is not asked again."""
+    from runner import kube
+
     exec_d = "INSTANCE_RUNNER_POD_UID" in os.environ
     if exec_d:
         me = kube.in_namespace(os.environ["INSTANCE_RUNNER_POD_UID"])
