@@ -98,13 +98,12 @@ def make(cg: CgroupFS, layout: Layout, uuid: str, limits: FloatLimits) -> str:
     return path
 
 
-async def remove(cg: CgroupFS, path: str) -> bool:
+async def remove(cg: CgroupFS, path: str, attempts: int = 2) -> bool:
     """The pod's part of float, once nothing of the pod is left in it (its processes end with
-    the pod's PID namespace); False while it is still in use."""
+    the pod's PID namespace); False while it is still in use (the float keeper tries again)."""
     try:
-        if cg.exists(path) and cg.threads(path):
-            return False
-        await cg.remove(path, attempts=3, delay=0.05)
+        # EBUSY while populated (tasks still exiting count): retried briefly, then left.
+        await cg.remove(path, attempts=attempts, delay=0.05)
     except CgroupError:
         return False
     return True

@@ -154,7 +154,7 @@ class Embedded:
             else:
                 log.info("partition-undone", cgroup=self._made)
         await self.cg.remove(self._made)
-        await podfloat.remove(self.cg, self.float)  # else the float keeper, once empty
+        await podfloat.remove(self.cg, self.float, attempts=10)  # else the float keeper
 
     async def enter_float(self, pid: int) -> None:
         self.cg.move_process(self.float, pid)

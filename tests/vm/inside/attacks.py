@@ -241,6 +241,7 @@ def connections(path: str, cap: str = "8") -> Outcome:
     yield "held answered", answered
     for s in held:
         s.close()
+    time.sleep(1.5)  # the controller sees them closed
     # A connection that never says anything: closed after the first-request deadline.
     silent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     silent.settimeout(10)
