@@ -158,3 +158,20 @@ def test_fault_table_wraps_and_counts() -> None:
     md = faults.markdown(rows, "1 passed, 1 failed", "machine")
     assert md.splitlines()[-3] == "1 passed, 1 failed"
     assert "| SIGKILL of QEMU | exit 137 | exit 137 | none | pass |" in md
+
+
+def test_a_skip_is_a_skip_with_its_reason() -> None:
+    # Once counted as a failure: the isolated-partition scenario on 6.1, which has none.
+    row = {
+        "fault": "isolated partition",
+        "expected": "vCPUs alone",
+        "observed": "skipped: no isolated partitions before 6.7",
+        "leftovers": [],
+        "passed": False,
+        "skipped": True,
+    }
+    assert faults.cells(row)[-1] == "skip" and "6.7" in faults.cells(row)[2]
+    # Every module names its kernel and its test VM's CPUs.
+    assert all(len(m) == 3 and m[2] >= 4 for m in faults.MODULES)
+    assert ("test_tenants.py", "6.1", 6) in faults.MODULES
+    assert ("test_tenants.py", "6.12", 6) in faults.MODULES
