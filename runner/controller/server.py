@@ -27,6 +27,7 @@ MAX_PER_CALLER = 8
 # closed (an idle one after the controller's idle timeout).
 FIRST_REQUEST_TIMEOUT = 2.0
 SOCKET_CHECK = 1.0  # how often the socket's path is checked to still lead to it
+REFUSAL_LOG_EVERY = 10.0
 
 
 class Server:
@@ -36,6 +37,7 @@ class Server:
         self.socket = SocketFile(opts.socket)
         self._open = 0
         self._by_caller: dict[str, int] = {}  # open connections by caller (caller_key)
+        self._refusal_logged: dict[str, float] = {}  # when each caller's refusal was logged
         # The service's layout is replaced at setup: read through it each time.
         self.service.metrics.hold(
             Held(
@@ -67,12 +69,20 @@ class Server:
         ):
             whole = self._open >= MAX_CONNECTIONS
             self.service.metrics.answered("-", rpc.BUSY)
-            log.warning(
-                "connection-refused",
-                pid=peer.pid,
-                reason="too many open connections"
-                + ("" if whole else f" from one caller ({MAX_PER_CALLER})"),
-            )
+            # Counted every time, logged once per caller every REFUSAL_LOG_EVERY seconds: a
+            # pod that opens connections in a loop does not fill the node's disk.
+            now, key = trio.current_time(), caller or "node"
+            if now - self._refusal_logged.get(key, -REFUSAL_LOG_EVERY) >= REFUSAL_LOG_EVERY:
+                if len(self._refusal_logged) >= MAX_CONNECTIONS:
+                    self._refusal_logged.clear()  # pods come and go: never a growing map
+                self._refusal_logged[key] = now
+                log.warning(
+                    "connection-refused",
+                    pid=peer.pid,
+                    caller=key,
+                    reason="too many open connections"
+                    + ("" if whole else f" from one caller ({MAX_PER_CALLER})"),
+                )
             await stream.aclose()
             return
         self._open += 1
