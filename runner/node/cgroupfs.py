@@ -121,8 +121,9 @@ class CgroupFS:
             raise CgroupError(f"cannot create {self.dir(cgroup)}: {e.strerror}") from None
         self.enable(cgroup, "cpuset")
 
-    def make_threaded(self, cgroup: str, cpu_set: CpuSet, mems: CpuSet) -> None:
-        """Create (or keep) a threaded child with these CPUs and memory nodes."""
+    def make_threaded(self, cgroup: str, cpu_set: CpuSet | None, mems: CpuSet) -> None:
+        """Create (or keep) a threaded child with these CPUs (None: its parent's) and memory
+        nodes."""
         try:
             self.dir(cgroup).mkdir()
         except FileExistsError:
@@ -131,6 +132,8 @@ class CgroupFS:
             raise CgroupError(f"cannot create {self.dir(cgroup)}: {e.strerror}") from None
         if self.read(cgroup, "cgroup.type").strip() != "threaded":
             self.write(cgroup, "cgroup.type", "threaded")
+        if cpu_set is None:
+            return
         self.set_cpus(cgroup, cpu_set)
         if mems:
             self.write(cgroup, "cpuset.mems", cpus.format(mems))

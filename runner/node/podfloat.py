@@ -83,14 +83,7 @@ def bound_root(cg: CgroupFS, layout: Layout, limits: RootLimits) -> None:
 def make(cg: CgroupFS, layout: Layout, uuid: str, limits: FloatLimits) -> str:
     """The pod's part of float, made (or kept) with its bounds; its path."""
     path = layout.float_of(uuid)
-    try:
-        cg.dir(path).mkdir()
-    except FileExistsError:
-        pass
-    except OSError as e:
-        raise CgroupError(f"cannot create {cg.dir(path)}: {e.strerror}") from None
-    if cg.read(path, "cgroup.type").strip() != "threaded":
-        cg.write(path, "cgroup.type", "threaded")
+    cg.make_threaded(path, None, frozenset())  # float's CPUs are its own
     if (cg.dir(path) / "pids.max").exists():
         cg.write(path, "pids.max", "max" if limits.pids_max is None else str(limits.pids_max))
     if (cg.dir(path) / "cpu.max").exists():

@@ -84,23 +84,12 @@ def decoder(path: str, count: str = "30") -> Outcome:
 
     def one() -> None:
         started = time.monotonic()
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.settimeout(30)
         try:
-            s.connect(path)
-            s.sendall(line)
-            data = b""
-            while not data.endswith(b"\n"):
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                data += chunk
+            answer = exchange(path, line, timeout=30) or {}
         except OSError:
-            data = b""
-        finally:
-            s.close()
-        answer = json.loads(data) if data.strip() else {}
-        results.append((answer.get("error", {}).get("code"), len(data), time.monotonic() - started))
+            answer = {}
+        reply = len(json.dumps(answer, separators=(",", ":"))) if answer else 0
+        results.append((answer.get("error", {}).get("code"), reply, time.monotonic() - started))
 
     threads = [threading.Thread(target=one) for _ in range(int(count))]
     for t in threads:
