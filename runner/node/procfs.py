@@ -160,11 +160,15 @@ def thread(pid: int, tid: int) -> ThreadView:
 
 
 def threads(pid: int) -> list[int]:
-    """The thread IDs of a process ([] once it is gone)."""
+    """The thread IDs of a process, its main thread first ([] once it is gone).
+
+    The rest are sorted; after the PID counter wraps they may be lower than the main one's.
+    """
     try:
-        return sorted(int(t) for t in os.listdir(f"/proc/{pid}/task"))
+        tids = sorted(int(t) for t in os.listdir(f"/proc/{pid}/task"))
     except OSError:
         return []
+    return sorted(tids, key=lambda t: t != pid)
 
 
 def processes() -> list[int]:

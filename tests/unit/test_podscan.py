@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from runner.node import podscan
+from runner.node import podscan, procfs
 from runner.node.cgroupfs import CgroupFS
 from runner.node.layout import Layout
 
@@ -106,3 +106,11 @@ def test_the_run_dir_from_the_environment(tmp_path: Path, env: bool) -> None:
         env={**os.environ, "INSTANCE_RUNNER_RUN_DIR": str(tmp_path)},
     )
     assert r.returncode == 1 and f"{tmp_path}/ready does not exist" in r.stderr
+
+
+def test_the_main_thread_first_after_the_pid_counter_wrapped(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A thread started after the counter wrapped has a lower TID than its process."""
+    monkeypatch.setattr(procfs.os, "listdir", lambda path: ["6229", "27637", "6230", "27640"])
+    assert procfs.threads(27637) == [27637, 6229, 6230, 27640]
