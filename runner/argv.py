@@ -190,7 +190,9 @@ def _devices(spec: InstanceSpec, layout: Layout | None) -> list[str]:
 
 
 def dnsmasq_argv(spec: InstanceSpec, index: int, binary: str = "dnsmasq") -> list[str]:
-    """DHCP for one guest on one tap: a single static lease, no DNS service, nothing written."""
+    """DHCP for one guest on one tap: a single static lease, no DNS service, nothing written.
+    With an IPv6 prefix also Router Advertisements (prefix for SLAAC, default route) and
+    DHCPv6 of that same one address, so that a guest with either client gets it."""
     nic: Nic = spec.nics[index]
     options = [
         f"--dhcp-option=option:router,{nic.gateway_address}",
@@ -198,6 +200,9 @@ def dnsmasq_argv(spec: InstanceSpec, index: int, binary: str = "dnsmasq") -> lis
     ]
     if nic.dns:
         options.append(f"--dhcp-option=option:dns-server,{','.join(nic.dns)}")
+    guest6 = spec.guest6(index)
+    if guest6 is not None:
+        options += ["--enable-ra", f"--dhcp-range={guest6},{guest6},slaac,64"]
     return [
         binary,
         "--keep-in-foreground",

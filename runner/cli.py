@@ -186,6 +186,13 @@ def cli() -> None:
     help="dnsmasq binary, for nics in mode tap.",
 )
 @option(
+    "--nft",
+    env="NFT",
+    default="nft",
+    metavar="PATH",
+    help="nftables' nft binary, for a nic with the masquerade binding.",
+)
+@option(
     "--virtiofsd",
     env="VIRTIOFSD",
     metavar="PATH",

@@ -16,7 +16,8 @@ import attrs
 import cattrs
 from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError
 
-from runner import cpus
+from runner import cpus, netrules
+from runner.netrules import Port
 
 Accel = Literal["auto", "kvm", "tcg"]
 Hugepages = Literal["none", "2M", "1G"]
@@ -24,6 +25,7 @@ DiskFormat = Literal["raw", "qcow2"]
 DiskCache = Literal["none", "writeback", "writethrough", "directsync", "unsafe"]
 ShareCache = Literal["auto", "always", "none"]
 NicMode = Literal["tap", "tap-fd"]
+NicBinding = Literal["isolated", "masquerade"]
 TopologyMode = Literal["auto", "flat"]
 NumaPolicy = Literal["strict", "prefer"]
 
@@ -108,15 +110,22 @@ class Disk:
 @attrs.frozen(kw_only=True)
 class Nic:
     """`tap`: the runner makes the tap (name `tap`), gives it the gateway address and serves
-    DHCP on it. `tap-fd`: a tap handed over as an inherited fd; addressing is the giver's."""
+    DHCP (and, with `ipv6_prefix`, Router Advertisements and DHCPv6) on it. Its `binding`:
+    `isolated`, the guest reaches its tap's gateway only; `masquerade`, the guest is on the pod
+    network behind the pod's address (runner.netrules). `tap-fd`: a tap handed over as an
+    inherited fd; addressing is the giver's."""
 
     mode: NicMode
+    binding: NicBinding = "isolated"
     tap: str | None = None
     fd: int | None = None
     mac: str | None = None  # default: stable, derived from the instance name
-    ip: str
+    ip: str = "10.0.2.2"
     prefix: int = 24
     gateway: str | None = None  # default: the first address of the subnet
+    # A /64: the guest's address is its SLAAC one (from its MAC), also given by DHCPv6.
+    ipv6_prefix: str | None = None
+    ports: tuple[Port, ...] = ()  # masquerade: the ports forwarded to the guest; () = all
     dns: tuple[str, ...] = ()
     mtu: int = 1500
 
@@ -128,6 +137,14 @@ class Nic:
                 raise ValueError(f"tap name {self.tap!r} must be 1-15 letters, digits, . _ -")
         elif self.fd is None or self.fd < 3 or self.tap is not None:
             raise ValueError("a nic in mode tap-fd takes an inherited fd (3 or more), no tap")
+        elif self.binding != "isolated" or self.ipv6_prefix is not None:
+            raise ValueError("a nic in mode tap-fd takes no binding or ipv6_prefix")
+        if self.ports and self.binding != "masquerade":
+            raise ValueError("ports are forwarded by a masquerade binding only")
+        if len(set(self.ports)) != len(self.ports):
+            raise ValueError("ports must be unique")
+        if self.ipv6_prefix is not None:
+            _ = self.ipv6_network  # refused here if it is not a unicast /64
         if self.mac is not None and (not _MAC.match(self.mac) or int(self.mac[:2], 16) & 1):
             raise ValueError(f"mac {self.mac!r} must be a unicast address like 52:54:00:12:34:56")
         if not 8 <= self.prefix <= 30:
@@ -147,6 +164,23 @@ class Nic:
     @property
     def network(self) -> ipaddress.IPv4Network:
         return ipaddress.IPv4Network(f"{self.ip}/{self.prefix}", strict=False)
+
+    @property
+    def ipv6_network(self) -> ipaddress.IPv6Network | None:
+        if self.ipv6_prefix is None:
+            return None
+        try:
+            net = ipaddress.IPv6Network(self.ipv6_prefix)
+        except ValueError:
+            raise ValueError(f"ipv6_prefix {self.ipv6_prefix!r} is not an IPv6 network") from None
+        if net.prefixlen != 64 or net.is_multicast or net.is_link_local:
+            raise ValueError(f"ipv6_prefix {self.ipv6_prefix} must be a unicast /64 (for SLAAC)")
+        return net
+
+    @property
+    def gateway6_address(self) -> ipaddress.IPv6Address | None:
+        net = self.ipv6_network
+        return None if net is None else net.network_address + 1
 
     @property
     def gateway_address(self) -> ipaddress.IPv4Address:
@@ -268,6 +302,8 @@ class InstanceSpec:
         taps = [n.tap or f"tap{i}" for i, n in enumerate(self.nics) if n.mode == "tap"]
         if len(set(taps)) != len(taps):
             raise ValueError("tap names must be unique")
+        if sum(n.binding == "masquerade" for n in self.nics) > 1:
+            raise ValueError("one nic at most has the masquerade binding (the pod has one address)")
         fds = [d.fd for d in self.disks if d.fd is not None]
         fds += [n.fd for n in self.nics if n.fd is not None]
         if len(set(fds)) != len(fds):
@@ -290,6 +326,12 @@ class InstanceSpec:
             return given
         digest = hashlib.sha256(f"{self.name}/{index}".encode()).digest()
         return "52:54:00:" + ":".join(f"{b:02x}" for b in digest[:3])
+
+    def guest6(self, index: int) -> ipaddress.IPv6Address | None:
+        """The nic's guest IPv6 address: its SLAAC address in `ipv6_prefix`, also its DHCPv6
+        lease, so a guest with either client has the same one."""
+        net = self.nics[index].ipv6_network
+        return None if net is None else netrules.eui64(net, self.mac(index))
 
     def realtime_priorities(self) -> dict[int, int]:
         """vCPU index -> SCHED_FIFO priority, for the vCPUs the spec makes realtime."""

@@ -54,6 +54,7 @@ class Prepared:
     run_dir: Path
     boots_os: bool  # a kernel or a disk: something that can answer the power button
     dnsmasq: str  # "" when no nic needs it
+    nft: str  # "" when no nic has the masquerade binding
     shares: ShareServer
     isolation: Isolation | None  # None: --isolation off
 
@@ -90,6 +91,11 @@ def preflight(o: Options) -> Prepared:
             raise StartupError(
                 f"dnsmasq binary {o.dnsmasq!r} not found (needed by the spec's tap nics)"
             )
+    nft = ""
+    if any(n.binding == "masquerade" for n in the_spec.nics):
+        nft = shutil.which(o.nft) or ""
+        if not nft:
+            raise StartupError(f"nft binary {o.nft!r} not found (needed by a masquerade nic)")
     shares = share_server(the_spec, o.virtiofsd)
     host = read_host() if o.isolation == "on" or the_spec.devices else None
     if the_spec.devices:
@@ -113,6 +119,7 @@ def preflight(o: Options) -> Prepared:
         run_dir=run_dir,
         boots_os=the_spec.kernel_boot is not None or bool(the_spec.disks),
         dnsmasq=dnsmasq,
+        nft=nft,
         shares=shares,
         isolation=isolation,
     )

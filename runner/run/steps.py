@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
+import ipaddress
 import os
 import socket
 import time
@@ -17,7 +18,7 @@ from collections.abc import Awaitable, Callable
 import attrs
 import trio
 
-from runner import cpus, httpd, kube, plan, plumbing
+from runner import cpus, httpd, kube, netrules, plan, plumbing, podnet
 from runner.argv import Wiring, dnsmasq_argv, virtiofsd_argv
 from runner.log import log
 from runner.node import procfs
@@ -51,6 +52,7 @@ class Startup:
     services: list[services.Service] = attrs.Factory(list)  # in start order
     critical: list[Child] = attrs.Factory(list)  # the guest dies with these (virtiofsd)
     tap_fds: list[int] = attrs.Factory(list)  # ours; QEMU gets copies
+    sysctls: podnet.Sysctls = attrs.Factory(podnet.Sysctls)  # as they were before us
     wiring: Wiring | None = None
     qmp_ours: socket.socket | None = None
     placed: list[Placed] = attrs.Factory(list)
@@ -216,10 +218,14 @@ async def plumb(s: Startup) -> None:
             fd = plumbing.create_tap(name)
             s.tap_fds.append(fd)
             nic_fds.append(fd)
-            for argv in (
+            commands = [
                 ["ip", "address", "add", f"{nic.gateway_address}/{nic.prefix}", "dev", name],
                 ["ip", "link", "set", "dev", name, "mtu", str(nic.mtu), "up"],
-            ):
+            ]
+            if nic.gateway6_address is not None:  # no DAD: the tap is ours alone
+                gw6 = f"{nic.gateway6_address}/64"
+                commands.insert(1, ["ip", "-6", "address", "add", gw6, "dev", name, "nodad"])
+            for argv in commands:
                 await plumbing.run_command(s.reaper, s.nursery, argv)
             argv = dnsmasq_argv(the_spec, i, s.pre.dnsmasq)
             label = f"dnsmasq-{name}"
@@ -276,6 +282,49 @@ def close_fds(s: Startup) -> None:
     while s.tap_fds:
         with contextlib.suppress(OSError):
             os.close(s.tap_fds.pop())
+
+
+# --- masquerade: the guest on the pod network, behind the pod's address --------------------------
+
+
+def _reserved(o: Options) -> tuple[netrules.Port, ...]:
+    """The runner's own ports: never forwarded to the guest."""
+    if o.metrics_address is None:
+        return ()
+    return (netrules.Port(port=httpd.parse_address(o.metrics_address)[1]),)
+
+
+async def masquerade(s: Startup) -> None:
+    the_spec = s.pre.spec
+    for i, nic in enumerate(the_spec.nics):
+        if nic.binding != "masquerade":
+            continue
+        tap, guest6 = the_spec.tap_name(i), the_spec.guest6(i)
+        rules = netrules.Masquerade(
+            tap=tap,
+            guest4=ipaddress.IPv4Address(nic.ip),
+            gateway4=nic.gateway_address,
+            guest6=guest6,
+            ports=nic.ports,
+            reserved=_reserved(s.opts),
+        )
+        try:
+            s.sysctls.write(podnet.sysctls(tap, guest6 is not None))
+            doc = netrules.ruleset(rules)
+            await podnet.nft(s.reaper, s.nursery, s.pre.nft, doc, s.pre.run_dir / "nft.json")
+        except plumbing.PlumbingError as e:
+            raise StartupError(str(e)) from None
+        ports = ",".join(f"{p.port}/{p.protocol}" for p in nic.ports) or "all"
+        log.info("masquerade-ready", tap=tap, guest=nic.ip, guest6=str(guest6), ports=ports)
+
+
+async def unmasquerade(s: Startup) -> None:
+    try:
+        doc = netrules.removal()
+        await podnet.nft(s.reaper, s.nursery, s.pre.nft, doc, s.pre.run_dir / "nft.json")
+    except (plumbing.PlumbingError, OSError) as e:
+        log.warning("nft-table-left", table=netrules.TABLE, error=str(e))
+    s.sysctls.restore()
 
 
 # --- qemu: started paused ------------------------------------------------------------------------
@@ -413,6 +462,12 @@ STEPS: tuple[Step, ...] = (
     Step("cgroups", obtain_cgroups, release_cgroups, wanted=isolated),
     Step("float", move_to_float, move_back, wanted=isolated),
     Step("plumbing", plumb, unplumb),
+    Step(
+        "masquerade",
+        masquerade,
+        unmasquerade,
+        wanted=lambda s: any(n.binding == "masquerade" for n in s.pre.spec.nics),
+    ),
     Step("qemu", start_qemu, stop_qemu, undo_timeout=qemu_stop_timeout),
     Step("qmp", connect_qmp, nothing),
     Step("pin", pin, nothing, wanted=isolated),

@@ -1,0 +1,137 @@
+"""The masquerade binding end to end: a real guest on its tap in a "pod" namespace, joined by
+a veth to a "node" namespace, over IPv4 and IPv6. What the guest and the node see of each other
+is the proof; the rules are runner.netrules (tests/unit/test_netrules.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+from runner import spec
+
+from .netns import Netns
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.e2e,
+    pytest.mark.skipif(
+        os.geteuid() != 0 or shutil.which("nft") is None or shutil.which("ip") is None,
+        reason="needs root, iproute2 and nftables for network namespaces",
+    ),
+]
+POD4, NODE4, POD6, NODE6 = "192.168.77.2", "192.168.77.1", "fd00:77::2", "fd00:77::1"
+METRICS = 9464
+# Sends one line naming the client's address, then closes: what the guest fetches.
+SERVER = """
+import socket, sys
+s = socket.socket(socket.AF_INET6)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("::", int(sys.argv[1])))
+s.listen()
+while True:
+    c, a = s.accept()
+    c.sendall(f"{sys.argv[2]} sees {a[0].removeprefix('::ffff:')}\\n".encode())
+    c.close()
+"""
+
+
+def sh(ns: str, *argv: str) -> str:
+    return subprocess.run(
+        ["ip", "netns", "exec", ns, *argv], capture_output=True, text=True, check=True
+    ).stdout
+
+
+def http(ns: str, url: str) -> str:
+    """The body (an address as busybox httpd gives it, `[::ffff:a.b.c.d]`, made plain), or the
+    error (a connection refused or timed out)."""
+    code = (
+        "import sys, urllib.request\n"
+        "try:\n"
+        "    print(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode().strip())\n"
+        "except Exception as e:\n"
+        "    print(type(e).__name__)\n"
+    )
+    body = sh(ns, sys.executable, "-c", code, url).strip()
+    return body.replace("[::ffff:", "").replace("[", "").replace("]", "")
+
+
+@pytest.fixture
+def node(netns: Netns) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """The node's namespace, joined to the pod's by a veth (the pod's eth0), with a server on
+    port 8000; a server in the pod on 7000 that the guest must not reach."""
+    name = f"{netns.name}-node"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    servers: list[subprocess.Popen[bytes]] = []
+    try:
+        for cmd in (
+            f"ip link add eth0 netns {netns.name} type veth peer name veth0 netns {name}",
+            f"ip -n {name} address add {NODE4}/24 dev veth0",
+            f"ip -n {name} address add {NODE6}/64 dev veth0 nodad",
+            f"ip -n {name} link set veth0 up",
+            f"ip -n {name} link set lo up",
+            f"ip -n {netns.name} address add {POD4}/24 dev eth0",
+            f"ip -n {netns.name} address add {POD6}/64 dev eth0 nodad",
+            f"ip -n {netns.name} link set eth0 up",
+            f"ip -n {netns.name} link set lo up",
+            f"ip -n {netns.name} route add default via {NODE4}",
+            f"ip -n {netns.name} -6 route add default via {NODE6}",
+        ):
+            subprocess.run(cmd.split(), check=True)
+        for ns, port, who in ((name, "8000", "node"), (netns.name, "7000", "pod")):
+            argv = ["ip", "netns", "exec", ns, sys.executable, "-c", SERVER, port, who]
+            servers.append(subprocess.Popen(argv))
+        yield name, servers[1]
+    finally:
+        for server in servers:
+            server.kill()
+            server.wait()
+        subprocess.run(["ip", "netns", "del", name], check=True)
+
+
+def test_the_guest_on_the_pod_network(
+    netns: Netns, node: tuple[str, subprocess.Popen[bytes]]
+) -> None:
+    node_ns, pod_server = node
+    cmdline = (
+        f"guest.ipv6=1 guest.serve=80 guest.fetch={NODE4}:8000 guest.fetch={NODE6}:8000 "
+        "guest.fetch=10.0.2.1:7000"
+    )
+    nic = {"mode": "tap", "binding": "masquerade", "ipv6_prefix": "fd10:0:2::/64"}
+    path = netns.spec(cmdline, nics=[nic])
+    guest6 = spec.load(path.read_text()).guest6(0)
+    netns.start(path, "--metrics-address", f":{METRICS}")
+    netns.wait_console("GUEST-READY")
+    console = netns.console()
+
+    assert f"GUEST-IP6 {guest6}" in console  # SLAAC from the runner's Router Advertisements
+    # Out: seen as the pod, on both families; nothing of the pod itself.
+    assert f"GUEST-FETCHED {NODE4}:8000 node sees {POD4}" in console
+    assert f"GUEST-FETCHED {NODE6}:8000 node sees {POD6}" in console, console
+    fetched = [line.split("] ", 1)[-1] for line in console.splitlines() if "GUEST-FETCHED" in line]
+    # The pod itself is closed to its guest: the server there never answers.
+    assert [f for f in fetched if f.startswith("GUEST-FETCHED 10.0.2.1:7000")]
+    assert not [f for f in fetched if "pod sees" in f]
+    # In: the pod's address reaches the guest, which sees the real client.
+    assert http(node_ns, f"http://{POD4}/cgi-bin/who") == f"guest sees {NODE4}"
+    assert http(node_ns, f"http://[{POD6}]/cgi-bin/who") == f"guest sees {NODE6}"
+    # The runner's own port stays the runner's, from outside and from inside the pod.
+    assert http(node_ns, f"http://{POD4}:{METRICS}/healthz") == "ok"
+    assert http(netns.name, f"http://127.0.0.1:{METRICS}/healthz") == "ok"
+    # The pod's loopback reaches the guest (seen as the gateway: it must answer somewhere).
+    assert http(netns.name, "http://127.0.0.1/cgi-bin/who") == "guest sees 10.0.2.1"
+    assert sh(netns.name, "sysctl", "-n", "net.ipv4.ip_forward").strip() == "1"
+
+    assert netns.finish() == 0
+    pod_server.kill()
+    pod_server.wait()
+    netns.assert_nothing_left(devices=["lo", "eth0"])
+    ruleset = json.loads(sh(netns.name, "nft", "-j", "list", "ruleset"))["nftables"]
+    assert [r for r in ruleset if "metainfo" not in r] == [], "nft table left"
+    assert sh(netns.name, "sysctl", "-n", "net.ipv4.ip_forward").strip() == "0"
+    assert sh(netns.name, "sysctl", "-n", "net.ipv6.conf.all.forwarding").strip() == "0"
