@@ -1,13 +1,15 @@
-"""Command lines of QEMU, dnsmasq and virtiofsd, built from the spec. Pure: the effect layer
+"""Command lines of QEMU, dnsmasq, passt and virtiofsd, built from the spec. Pure: the effect layer
 decides the file descriptors and socket paths (the `Wiring`) and passes them in."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 import attrs
 
 from runner import cpus
+from runner.netrules import Port
 from runner.placement import Layout
 from runner.spec import InstanceSpec, Nic, Share
 
@@ -18,7 +20,8 @@ class Wiring:
 
     qmp_fd: int
     console_fd: int | None = None
-    nic_fds: tuple[int, ...] = ()  # one tap fd per nic, in spec order
+    nic_fds: tuple[int, ...] = ()  # per nic in spec order: its tap, or its stream to passt
+    streams: frozenset[int] = frozenset()  # the nics (indexes) whose fd is a stream
     share_sockets: tuple[str, ...] = ()  # one vhost-user socket per share, in spec order
 
 
@@ -92,9 +95,15 @@ def qemu_argv(
             f"virtio-blk-pci,drive=disk{i}" + (",bootindex=0" if boot_disk == i else ""),
         ]
     for i, nic in enumerate(spec.nics):
+        fd = wiring.nic_fds[i]
+        netdev = (
+            f"stream,id=net{i},server=off,addr.type=fd,addr.str={fd}"
+            if i in wiring.streams
+            else f"tap,id=net{i},fd={fd}"
+        )
         argv += [
             "-netdev",
-            f"tap,id=net{i},fd={wiring.nic_fds[i]}",
+            netdev,
             "-device",
             f"virtio-net-pci,netdev=net{i},mac={spec.mac(i)},host_mtu={nic.mtu}",
         ]
@@ -218,6 +227,41 @@ def dnsmasq_argv(spec: InstanceSpec, index: int, binary: str = "dnsmasq") -> lis
         "--log-facility=-",
         "--log-dhcp",
         *options,
+    ]
+
+
+def _passt_ports(ports: Sequence[Port], protocol: str, reserved: Sequence[Port]) -> str:
+    """passt's port spec: the listed ports, or every one but the runner's own."""
+    if ports:
+        listed = sorted(p.port for p in ports if p.protocol == protocol)
+        return ",".join(map(str, listed)) if listed else "none"
+    excluded = sorted(p.port for p in reserved if p.protocol == protocol)
+    return ",".join(f"~{p}" for p in excluded) if excluded else "all"
+
+
+def passt_argv(
+    spec: InstanceSpec, index: int, fd: int, binary: str, reserved: Sequence[Port] = ()
+) -> list[str]:
+    """passt for one nic, in the foreground, logging to stderr, on `fd`: its end of a
+    connected socketpair whose other end is QEMU's.
+    It forwards the pod's ports to the guest: the listed ones, or all that are free when it
+    starts (the runner's own are bound already, and excluded besides). The gateway is the
+    pod's real one: passt's default maps it to the pod's loopback, which would open the
+    runner's ports and every loopback service of the pod to the guest."""
+    nic = spec.nics[index]
+    return [
+        binary,
+        "--foreground",
+        "--stderr",
+        "--fd",
+        str(fd),
+        "--mtu",
+        str(nic.mtu),
+        "--no-map-gw",
+        "--tcp-ports",
+        _passt_ports(nic.ports, "tcp", reserved),
+        "--udp-ports",
+        _passt_ports(nic.ports, "udp", reserved),
     ]
 
 

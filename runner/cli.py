@@ -193,6 +193,13 @@ def cli() -> None:
     help="nftables' nft binary, for a nic with the masquerade binding.",
 )
 @option(
+    "--passt",
+    env="PASST",
+    default="passt",
+    metavar="PATH",
+    help="passt binary, for a nic with the passt binding.",
+)
+@option(
     "--virtiofsd",
     env="VIRTIOFSD",
     metavar="PATH",

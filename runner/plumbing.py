@@ -48,12 +48,17 @@ async def forward_lines(fd: int, on_line: Callable[[str], None]) -> None:
 
 
 def spawn_logged(
-    reaper: Reaper, nursery: trio.Nursery, name: str, argv: list[str], tail: list[str] | None = None
+    reaper: Reaper,
+    nursery: trio.Nursery,
+    name: str,
+    argv: list[str],
+    tail: list[str] | None = None,
+    pass_fds: tuple[int, ...] = (),
 ) -> Child:
     """Start a child whose stdout and stderr become log events (and its last lines in `tail`)."""
     r, w = os.pipe()
     try:
-        child = reaper.spawn(name, argv, stdout=w, stderr=w)
+        child = reaper.spawn(name, argv, stdout=w, stderr=w, pass_fds=pass_fds)
     except BaseException:
         os.close(r)
         raise
@@ -109,10 +114,11 @@ def create_tap(name: str) -> int:
     return fd
 
 
-async def start_virtiofsd(
+async def start_socket_daemon(
     reaper: Reaper, nursery: trio.Nursery, name: str, argv: list[str], socket: str, timeout: float
 ) -> Child:
-    """Start virtiofsd and wait for its socket: QEMU must not start before it exists."""
+    """Start a daemon QEMU connects to (virtiofsd) and wait for its socket: QEMU must not
+    start before it exists."""
     tail: list[str] = []
     try:
         child = spawn_logged(reaper, nursery, name, argv, tail)

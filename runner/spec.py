@@ -25,7 +25,7 @@ DiskFormat = Literal["raw", "qcow2"]
 DiskCache = Literal["none", "writeback", "writethrough", "directsync", "unsafe"]
 ShareCache = Literal["auto", "always", "none"]
 NicMode = Literal["tap", "tap-fd"]
-NicBinding = Literal["isolated", "masquerade"]
+NicBinding = Literal["isolated", "masquerade", "passt"]
 TopologyMode = Literal["auto", "flat"]
 NumaPolicy = Literal["strict", "prefer"]
 
@@ -113,9 +113,11 @@ class Nic:
     DHCP (and, with `ipv6_prefix`, Router Advertisements and DHCPv6) on it. Its `binding`:
     `isolated`, the guest reaches its tap's gateway only; `masquerade`, the guest is on the pod
     network behind the pod's address (runner.netrules). `tap-fd`: a tap handed over as an
-    inherited fd; addressing is the giver's."""
+    inherited fd; addressing is the giver's. Binding `passt`: no tap, no NET_ADMIN; passt, a
+    user-mode stack, gives the guest the pod's own addresses (IPv4 and IPv6) and forwards the
+    pod's ports to it."""
 
-    mode: NicMode
+    mode: NicMode = "tap"
     binding: NicBinding = "isolated"
     tap: str | None = None
     fd: int | None = None
@@ -139,8 +141,10 @@ class Nic:
             raise ValueError("a nic in mode tap-fd takes an inherited fd (3 or more), no tap")
         elif self.binding != "isolated" or self.ipv6_prefix is not None:
             raise ValueError("a nic in mode tap-fd takes no binding or ipv6_prefix")
-        if self.ports and self.binding != "masquerade":
-            raise ValueError("ports are forwarded by a masquerade binding only")
+        if self.ports and self.binding == "isolated":
+            raise ValueError("ports are forwarded by a masquerade or passt binding only")
+        if self.binding == "passt" and (self.tap is not None or self.ipv6_prefix is not None):
+            raise ValueError("a passt nic takes no tap or ipv6_prefix: it has the pod's addresses")
         if len(set(self.ports)) != len(self.ports):
             raise ValueError("ports must be unique")
         if self.ipv6_prefix is not None:
@@ -164,6 +168,11 @@ class Nic:
     @property
     def network(self) -> ipaddress.IPv4Network:
         return ipaddress.IPv4Network(f"{self.ip}/{self.prefix}", strict=False)
+
+    @property
+    def makes_tap(self) -> bool:
+        """The runner makes this nic's tap, gives it the gateway and serves DHCP on it."""
+        return self.mode == "tap" and self.binding != "passt"
 
     @property
     def ipv6_network(self) -> ipaddress.IPv6Network | None:
@@ -299,7 +308,7 @@ class InstanceSpec:
         tags = [s.tag for s in self.shares]
         if len(set(tags)) != len(tags):
             raise ValueError("share tags must be unique")
-        taps = [n.tap or f"tap{i}" for i, n in enumerate(self.nics) if n.mode == "tap"]
+        taps = [n.tap or f"tap{i}" for i, n in enumerate(self.nics) if n.makes_tap]
         if len(set(taps)) != len(taps):
             raise ValueError("tap names must be unique")
         if sum(n.binding == "masquerade" for n in self.nics) > 1:

@@ -28,6 +28,7 @@ class Options:
     isolation: Literal["on", "off"] = "on"  # off: no cgroups, no pinning (laptops, e2e tests)
     dnsmasq: str = "dnsmasq"
     nft: str = "nft"
+    passt: str = "passt"
     virtiofsd: str | None = None  # None: the Rust daemon if installed, else QEMU's C one
     controller_socket: str | None = None  # None: embedded mode, the runner makes its cgroups
     pod_uid: str | None = None  # told (Downward API): needed in a private cgroup namespace

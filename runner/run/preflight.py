@@ -55,6 +55,7 @@ class Prepared:
     boots_os: bool  # a kernel or a disk: something that can answer the power button
     dnsmasq: str  # "" when no nic needs it
     nft: str  # "" when no nic has the masquerade binding
+    passt: str  # "" when no nic has the passt binding
     shares: ShareServer
     isolation: Isolation | None  # None: --isolation off
 
@@ -85,7 +86,7 @@ def preflight(o: Options) -> Prepared:
         the_spec.accel if the_spec.accel != "auto" else ("kvm" if kvm_usable() else "tcg")
     )
     dnsmasq = ""
-    if any(n.mode == "tap" for n in the_spec.nics):
+    if any(n.makes_tap for n in the_spec.nics):
         dnsmasq = shutil.which(o.dnsmasq) or ""
         if not dnsmasq:
             raise StartupError(
@@ -96,6 +97,11 @@ def preflight(o: Options) -> Prepared:
         nft = shutil.which(o.nft) or ""
         if not nft:
             raise StartupError(f"nft binary {o.nft!r} not found (needed by a masquerade nic)")
+    passt = ""
+    if any(n.binding == "passt" for n in the_spec.nics):
+        passt = shutil.which(o.passt) or ""
+        if not passt:
+            raise StartupError(f"passt binary {o.passt!r} not found (needed by a passt nic)")
     shares = share_server(the_spec, o.virtiofsd)
     host = read_host() if o.isolation == "on" or the_spec.devices else None
     if the_spec.devices:
@@ -120,6 +126,7 @@ def preflight(o: Options) -> Prepared:
         boots_os=the_spec.kernel_boot is not None or bool(the_spec.disks),
         dnsmasq=dnsmasq,
         nft=nft,
+        passt=passt,
         shares=shares,
         isolation=isolation,
     )
@@ -281,7 +288,7 @@ def check_guest_resources(the_spec: spec.InstanceSpec, inherited: frozenset[int]
             or not stat.S_ISCHR(os.fstat(nic.fd).st_mode)
         ):
             raise StartupError(f"nic {i}: fd {nic.fd} is not a tap handed to the runner")
-        if nic.mode == "tap" and Path(f"/sys/class/net/{the_spec.tap_name(i)}").exists():
+        if nic.makes_tap and Path(f"/sys/class/net/{the_spec.tap_name(i)}").exists():
             raise StartupError(f"nic {i}: network device {the_spec.tap_name(i)} already exists")
     for share in the_spec.shares:
         if not Path(share.source).is_dir():

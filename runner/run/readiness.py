@@ -45,8 +45,11 @@ def ready_doc(
         "nics": [
             {
                 "mac": pre.spec.mac(i),
-                "ip": n.ip,
-                "tap": pre.spec.tap_name(i) if n.mode == "tap" else None,
+                "binding": n.binding,
+                # passt: the pod's own addresses
+                "ip": n.ip if n.binding != "passt" else None,
+                "ip6": str(pre.spec.guest6(i)) if n.ipv6_prefix else None,
+                "tap": pre.spec.tap_name(i) if n.makes_tap else None,
             }
             for i, n in enumerate(pre.spec.nics)
         ],

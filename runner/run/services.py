@@ -158,19 +158,38 @@ async def dnsmasq(
     await plumbing.supervise_dnsmasq(reaper, name, argv, on_up=task_status.started)
 
 
-async def virtiofsd(
+async def passt(
+    reaper: Reaper, name: str, argv: list[str], fd: int, task_status: trio.TaskStatus[Child]
+) -> None:
+    """A nic's passt on its end of a socketpair (`fd`, QEMU has the other): up once started.
+    Reports the child: the guest's network depends on it, so the supervisor watches it."""
+    async with trio.open_nursery() as nursery:
+        try:
+            child = plumbing.spawn_logged(reaper, nursery, name, argv, pass_fds=(fd,))
+        except OSError as e:
+            raise plumbing.PlumbingError(f"cannot start {argv[0]}: {e.strerror}") from None
+        try:
+            task_status.started(child)
+            await trio.sleep_forever()
+        finally:
+            with trio.CancelScope(shield=True):
+                await child.stop(2)
+            nursery.cancel_scope.cancel()
+
+
+async def socket_daemon(
     reaper: Reaper,
     name: str,
     argv: list[str],
     socket_path: str,
     task_status: trio.TaskStatus[Child],
 ) -> None:
-    """One share's daemon; up once its socket exists. Reports the child: the guest depends
+    """A share's virtiofsd; up once its socket exists. Reports the child: the guest depends
     on it, so the supervisor watches it."""
     Path(socket_path).unlink(missing_ok=True)
     try:
         async with trio.open_nursery() as nursery:
-            child = await plumbing.start_virtiofsd(
+            child = await plumbing.start_socket_daemon(
                 reaper, nursery, name, argv, socket_path, timeout=10
             )
             try:

@@ -19,7 +19,7 @@ import attrs
 import trio
 
 from runner import cpus, httpd, kube, netrules, plan, plumbing, podnet
-from runner.argv import Wiring, dnsmasq_argv, virtiofsd_argv
+from runner.argv import Wiring, dnsmasq_argv, passt_argv, virtiofsd_argv
 from runner.log import log
 from runner.node import procfs
 from runner.node.cgroupfs import CgroupError
@@ -208,10 +208,15 @@ async def move_back(s: Startup) -> None:
 async def plumb(s: Startup) -> None:
     the_spec = s.pre.spec
     nic_fds: list[int] = []
+    streams: set[int] = set()
     for i, nic in enumerate(the_spec.nics):
         if nic.mode == "tap-fd":
             assert nic.fd is not None
             nic_fds.append(nic.fd)
+            continue
+        if nic.binding == "passt":
+            nic_fds.append(await _start_passt(s, i))
+            streams.add(i)
             continue
         name = the_spec.tap_name(i)
         try:
@@ -249,7 +254,7 @@ async def plumb(s: Startup) -> None:
         name = f"virtiofsd-{share.tag}"
         try:
             child = await _launch(
-                s, name, functools.partial(services.virtiofsd, s.reaper, name, argv, path)
+                s, name, functools.partial(services.socket_daemon, s.reaper, name, argv, path)
             )
         except plumbing.PlumbingError as e:
             raise StartupError(str(e)) from None
@@ -269,12 +274,37 @@ async def plumb(s: Startup) -> None:
     qmp_fd = qmp_theirs.detach()
     s.tap_fds.append(qmp_fd)
     s.wiring = Wiring(
-        qmp_fd=qmp_fd, console_fd=console_fd, nic_fds=tuple(nic_fds), share_sockets=tuple(sockets)
+        qmp_fd=qmp_fd,
+        console_fd=console_fd,
+        nic_fds=tuple(nic_fds),
+        streams=frozenset(streams),
+        share_sockets=tuple(sockets),
     )
 
 
+async def _start_passt(s: Startup, index: int) -> int:
+    """The nic's passt on a socketpair with QEMU (no socket file: passt drops to nobody before
+    it binds one). Critical like virtiofsd: QEMU 7.2 cannot reconnect a stream netdev."""
+    ours, theirs = socket.socketpair()
+    fd, qemu_fd = ours.detach(), theirs.detach()
+    s.tap_fds += [fd, qemu_fd]  # passt and QEMU have their copies once started
+    argv = passt_argv(s.pre.spec, index, fd, s.pre.passt, _reserved(s.opts))
+    name = f"passt-{index}"
+    try:
+        child = await _launch(s, name, functools.partial(services.passt, s.reaper, name, argv, fd))
+    except plumbing.PlumbingError as e:
+        raise StartupError(str(e)) from None
+    assert isinstance(child, Child)
+    s.critical.append(child)
+    s.tap_fds.remove(fd)  # passt has it now
+    os.close(fd)
+    ports = ",".join(f"{p.port}/{p.protocol}" for p in s.pre.spec.nics[index].ports) or "all"
+    log.info("passt-ready", nic=index, pid=child.pid, ports=ports)
+    return qemu_fd
+
+
 async def unplumb(s: Startup) -> None:
-    await _stop_services(s, "dnsmasq-", "virtiofsd-", "console")
+    await _stop_services(s, "dnsmasq-", "passt-", "virtiofsd-", "console")
     close_fds(s)
 
 

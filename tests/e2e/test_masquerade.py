@@ -15,7 +15,7 @@ import pytest
 
 from runner import spec
 
-from .netns import Netns
+from .netns import Netns, unprivileged
 
 pytestmark = [
     pytest.mark.slow,
@@ -26,6 +26,7 @@ pytestmark = [
     ),
 ]
 POD4, NODE4, POD6, NODE6 = "192.168.77.2", "192.168.77.1", "fd00:77::2", "fd00:77::1"
+PEER4, PEER6 = "192.168.77.3", "fd00:77::3"  # another host on the pod network, not the gateway
 METRICS = 9464
 # Sends one line naming the client's address, then closes: what the guest fetches.
 SERVER = """
@@ -73,6 +74,8 @@ def node(netns: Netns) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
             f"ip link add eth0 netns {netns.name} type veth peer name veth0 netns {name}",
             f"ip -n {name} address add {NODE4}/24 dev veth0",
             f"ip -n {name} address add {NODE6}/64 dev veth0 nodad",
+            f"ip -n {name} address add {PEER4}/24 dev veth0",
+            f"ip -n {name} address add {PEER6}/64 dev veth0 nodad",
             f"ip -n {name} link set veth0 up",
             f"ip -n {name} link set lo up",
             f"ip -n {netns.name} address add {POD4}/24 dev eth0",
@@ -119,7 +122,10 @@ def test_the_guest_on_the_pod_network(
     assert not [f for f in fetched if "pod sees" in f]
     # In: the pod's address reaches the guest, which sees the real client.
     assert http(node_ns, f"http://{POD4}/cgi-bin/who") == f"guest sees {NODE4}"
-    assert http(node_ns, f"http://[{POD6}]/cgi-bin/who") == f"guest sees {NODE6}"
+    assert http(node_ns, f"http://[{POD6}]/cgi-bin/who") in (  # either of the node's
+        f"guest sees {NODE6}",
+        f"guest sees {PEER6}",
+    )
     # The runner's own port stays the runner's, from outside and from inside the pod.
     assert http(node_ns, f"http://{POD4}:{METRICS}/healthz") == "ok"
     assert http(netns.name, f"http://127.0.0.1:{METRICS}/healthz") == "ok"
@@ -135,3 +141,41 @@ def test_the_guest_on_the_pod_network(
     assert [r for r in ruleset if "metainfo" not in r] == [], "nft table left"
     assert sh(netns.name, "sysctl", "-n", "net.ipv4.ip_forward").strip() == "0"
     assert sh(netns.name, "sysctl", "-n", "net.ipv6.conf.all.forwarding").strip() == "0"
+
+
+def test_passt_gives_the_guest_the_pods_own_address(
+    netns: Netns, node: tuple[str, subprocess.Popen[bytes]], vm_pod_capabilities: list[str]
+) -> None:
+    """No tap and no nftables: passt, a user-mode stack, has the guest appear with the pod's
+    addresses, and binds the listed ports in the pod for it. The runner runs as an
+    unprivileged VM pod without NET_ADMIN and NET_RAW: a pod whose nics are all passt needs
+    neither (KILL, NET_BIND_SERVICE, SETUID and SETGID it does: passt binds the pod's ports,
+    then drops to nobody, where only KILL lets the runner stop it)."""
+    node_ns, pod_server = node
+    caps = [c for c in vm_pod_capabilities if c not in ("net_admin", "net_raw")]
+    assert len(caps) == len(vm_pod_capabilities) - 2
+    cmdline = f"guest.ipv6=1 guest.serve=80 guest.fetch={PEER4}:8000 guest.fetch={PEER6}:8000"
+    nic = {"binding": "passt", "ports": [{"port": 80}]}
+    netns.start(
+        netns.spec(cmdline, nics=[nic]),
+        "--metrics-address",
+        f":{METRICS}",
+        prefix=unprivileged(caps),
+    )
+    ready = netns.wait_console("GUEST-READY")
+    console = netns.console()
+
+    assert f"GUEST-READY ip={POD4} gw={NODE4}" in ready  # the pod's own address and gateway
+    assert f"GUEST-IP6 {POD6}" in console or "GUEST-IP6 fd00:77::" in console
+    assert f"GUEST-FETCHED {PEER4}:8000 node sees {POD4}" in console
+    assert f"GUEST-FETCHED {PEER6}:8000 node sees {POD6}" in console
+    assert http(node_ns, f"http://{POD4}/cgi-bin/who") == f"guest sees {NODE4}"
+    assert http(node_ns, f"http://{POD4}:{METRICS}/healthz") == "ok"
+    assert "nic" not in sh(netns.name, "ip", "-o", "link")  # no tap made
+    ruleset = json.loads(sh(netns.name, "nft", "-j", "list", "ruleset"))["nftables"]
+    assert [r for r in ruleset if "metainfo" not in r] == []
+
+    assert netns.finish() == 0
+    pod_server.kill()
+    pod_server.wait()
+    netns.assert_nothing_left(devices=["lo", "eth0"])

@@ -106,7 +106,7 @@ def load(**nic: object) -> spec.InstanceSpec:
 @pytest.mark.parametrize(
     ("nic", "message"),
     [
-        ({"ports": [{"port": 22}]}, "masquerade binding only"),
+        ({"ports": [{"port": 22}]}, "masquerade or passt binding only"),
         ({"binding": "masquerade", "ports": [{"port": 0}]}, "between 1 and 65535"),
         ({"binding": "masquerade", "ports": [{"port": 22}, {"port": 22}]}, "unique"),
         ({"binding": "masquerade", "ports": [{"port": 22, "protocol": "icmp"}]}, "protocol"),
@@ -141,3 +141,22 @@ def test_dnsmasq_advertises_the_prefix_and_leases_the_slaac_address() -> None:
     assert "--enable-ra" in args
     assert f"--dhcp-range={G6},{G6},slaac,64" in args
     assert "--enable-ra" not in argv.dnsmasq_argv(load(), 0)
+
+
+def test_passt_forwards_the_listed_ports_or_all_but_the_runners() -> None:
+    s = load(binding="passt", ports=[{"port": 22}, {"port": 80}, {"port": 53, "protocol": "udp"}])
+    args = argv.passt_argv(s, 0, 7, "passt")
+    assert args[args.index("--fd") + 1] == "7" and "--no-map-gw" in args
+    assert args[args.index("--tcp-ports") + 1] == "22,80"
+    assert args[args.index("--udp-ports") + 1] == "53"
+    every = argv.passt_argv(load(binding="passt"), 0, 7, "passt", [Port(port=9464)])
+    assert every[every.index("--tcp-ports") + 1] == "~9464"
+    assert every[every.index("--udp-ports") + 1] == "all"
+
+
+def test_a_passt_nic_has_the_pods_addresses() -> None:
+    with pytest.raises(spec.SpecError, match="takes no tap or ipv6_prefix"):
+        load(binding="passt", ipv6_prefix="fd10:0:2::/64")
+    with pytest.raises(spec.SpecError, match="takes no tap or ipv6_prefix"):
+        load(binding="passt", tap="t0")
+    assert not load(binding="passt").nics[0].makes_tap
