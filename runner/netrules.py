@@ -198,3 +198,55 @@ def eui64(prefix: ipaddress.IPv6Network, mac: str) -> ipaddress.IPv6Address:
     b = bytes.fromhex(mac.replace(":", ""))
     iid = bytes([b[0] ^ 0x02, b[1], b[2], 0xFF, 0xFE, b[3], b[4], b[5]])
     return prefix.network_address + int.from_bytes(iid, "big")
+
+
+@attrs.frozen(kw_only=True)
+class Limit:
+    """Traffic from a guest, policed as it enters its tap."""
+
+    tap: str
+    mbit: int
+    burst_kb: int
+
+
+def limits(taps: Sequence[Limit], table: str = TABLE) -> Json:
+    """A `netdev` table with one ingress chain per tap: packets over the rate are dropped
+    (the host kernel may lack tc's police action; nftables' limit does the same)."""
+    t = {"family": "netdev", "name": table}
+    cmds: list[Json] = [{"add": {"table": t}}, {"delete": {"table": t}}, {"add": {"table": t}}]
+    for lim in taps:
+        chain = f"from_{lim.tap}"
+        cmds.append(
+            {
+                "add": {
+                    "chain": {
+                        "family": "netdev",
+                        "table": table,
+                        "name": chain,
+                        "type": "filter",
+                        "hook": "ingress",
+                        "dev": lim.tap,
+                        "prio": 0,
+                        "policy": "accept",
+                    }
+                }
+            }
+        )
+        rate = {
+            "rate": lim.mbit * 125,  # kbytes per second
+            "rate_unit": "kbytes",
+            "per": "second",
+            "burst": lim.burst_kb,
+            "burst_unit": "kbytes",
+            "inv": True,
+        }
+        expr = [{"limit": rate}, {"drop": None}]
+        cmds.append(
+            {"add": {"rule": {"family": "netdev", "table": table, "chain": chain, "expr": expr}}}
+        )
+    return {"nftables": cmds}
+
+
+def limits_removal(table: str = TABLE) -> Json:
+    t = {"family": "netdev", "name": table}
+    return {"nftables": [{"add": {"table": t}}, {"delete": {"table": t}}]}

@@ -108,6 +108,26 @@ class Disk:
 
 
 @attrs.frozen(kw_only=True)
+class Bandwidth:
+    """Per nic, in the guest's view: `ingress_mbit` towards it (shaped on the tap: htb), and
+    `egress_mbit` from it (policed as it enters the tap: nftables' limit)."""
+
+    ingress_mbit: int | None = None
+    egress_mbit: int | None = None
+    burst_kb: int = 64
+
+    def __attrs_post_init__(self) -> None:
+        for name in ("ingress_mbit", "egress_mbit"):
+            value = getattr(self, name)
+            if value is not None and not 1 <= value <= 400_000:
+                raise ValueError(f"bandwidth {name} {value} must be between 1 and 400000")
+        if not 2 <= self.burst_kb <= 1_048_576:
+            raise ValueError(f"bandwidth burst_kb {self.burst_kb} must be between 2 and 1048576")
+        if self.ingress_mbit is None and self.egress_mbit is None:
+            raise ValueError("bandwidth needs ingress_mbit, egress_mbit or both")
+
+
+@attrs.frozen(kw_only=True)
 class Nic:
     """`tap`: the runner makes the tap (name `tap`), gives it the gateway address and serves
     DHCP (and, with `ipv6_prefix`, Router Advertisements and DHCPv6) on it. Its `binding`:
@@ -130,6 +150,7 @@ class Nic:
     ports: tuple[Port, ...] = ()  # masquerade: the ports forwarded to the guest; () = all
     dns: tuple[str, ...] = ()
     mtu: int = 1500
+    bandwidth: Bandwidth | None = None
 
     def __attrs_post_init__(self) -> None:
         if self.mode == "tap":
@@ -143,6 +164,10 @@ class Nic:
             raise ValueError("a nic in mode tap-fd takes no binding or ipv6_prefix")
         if self.ports and self.binding == "isolated":
             raise ValueError("ports are forwarded by a masquerade or passt binding only")
+        if self.bandwidth is not None and not self.makes_tap:
+            raise ValueError(
+                "bandwidth is shaped on the tap the runner makes: not for a passt or tap-fd nic"
+            )
         if self.binding == "passt" and (self.tap is not None or self.ipv6_prefix is not None):
             raise ValueError("a passt nic takes no tap or ipv6_prefix: it has the pod's addresses")
         if len(set(self.ports)) != len(self.ports):

@@ -93,10 +93,12 @@ def preflight(o: Options) -> Prepared:
                 f"dnsmasq binary {o.dnsmasq!r} not found (needed by the spec's tap nics)"
             )
     nft = ""
-    if any(n.binding == "masquerade" for n in the_spec.nics):
+    if any(n.binding == "masquerade" or n.bandwidth is not None for n in the_spec.nics):
         nft = shutil.which(o.nft) or ""
         if not nft:
-            raise StartupError(f"nft binary {o.nft!r} not found (needed by a masquerade nic)")
+            raise StartupError(
+                f"nft binary {o.nft!r} not found (needed by a masquerade nic or a bandwidth limit)"
+            )
     passt = ""
     if any(n.binding == "passt" for n in the_spec.nics):
         passt = shutil.which(o.passt) or ""

@@ -19,7 +19,7 @@ import attrs
 import trio
 
 from runner import cpus, httpd, kube, netrules, plan, plumbing, podnet
-from runner.argv import Wiring, dnsmasq_argv, passt_argv, virtiofsd_argv
+from runner.argv import Wiring, dnsmasq_argv, passt_argv, tc_shape, virtiofsd_argv
 from runner.log import log
 from runner.node import procfs
 from runner.node.cgroupfs import CgroupError
@@ -357,6 +357,55 @@ async def unmasquerade(s: Startup) -> None:
     s.sysctls.restore()
 
 
+# --- bandwidth: shaped towards each guest, policed from it ---------------------------------------
+
+
+def _egress(s: Startup) -> list[netrules.Limit]:
+    the_spec = s.pre.spec
+    return [
+        netrules.Limit(
+            tap=the_spec.tap_name(i), mbit=n.bandwidth.egress_mbit, burst_kb=n.bandwidth.burst_kb
+        )
+        for i, n in enumerate(the_spec.nics)
+        if n.bandwidth is not None and n.bandwidth.egress_mbit is not None
+    ]
+
+
+async def limit_bandwidth(s: Startup) -> None:
+    the_spec = s.pre.spec
+    try:
+        for i, nic in enumerate(the_spec.nics):
+            bw = nic.bandwidth
+            if bw is not None and bw.ingress_mbit is not None:
+                for argv in tc_shape(the_spec.tap_name(i), bw.ingress_mbit, bw.burst_kb):
+                    await plumbing.run_command(s.reaper, s.nursery, argv)
+        if egress := _egress(s):
+            doc = netrules.limits(egress)
+            await podnet.nft(s.reaper, s.nursery, s.pre.nft, doc, s.pre.run_dir / "nft.json")
+    except plumbing.PlumbingError as e:
+        raise StartupError(str(e)) from None
+    for i, nic in enumerate(the_spec.nics):
+        if nic.bandwidth is not None:
+            log.info(
+                "bandwidth-limited",
+                tap=the_spec.tap_name(i),
+                ingress_mbit=nic.bandwidth.ingress_mbit,
+                egress_mbit=nic.bandwidth.egress_mbit,
+                burst_kb=nic.bandwidth.burst_kb,
+            )
+
+
+async def unlimit_bandwidth(s: Startup) -> None:
+    """The qdiscs go with the taps; the netdev table is ours to delete."""
+    if not _egress(s):
+        return
+    try:
+        doc = netrules.limits_removal()
+        await podnet.nft(s.reaper, s.nursery, s.pre.nft, doc, s.pre.run_dir / "nft.json")
+    except (plumbing.PlumbingError, OSError) as e:
+        log.warning("nft-table-left", table=netrules.TABLE, family="netdev", error=str(e))
+
+
 # --- qemu: started paused ------------------------------------------------------------------------
 
 
@@ -492,6 +541,12 @@ STEPS: tuple[Step, ...] = (
     Step("cgroups", obtain_cgroups, release_cgroups, wanted=isolated),
     Step("float", move_to_float, move_back, wanted=isolated),
     Step("plumbing", plumb, unplumb),
+    Step(
+        "bandwidth",
+        limit_bandwidth,
+        unlimit_bandwidth,
+        wanted=lambda s: any(n.bandwidth is not None for n in s.pre.spec.nics),
+    ),
     Step(
         "masquerade",
         masquerade,

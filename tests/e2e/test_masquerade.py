@@ -179,3 +179,80 @@ def test_passt_gives_the_guest_the_pods_own_address(
     pod_server.kill()
     pod_server.wait()
     netns.assert_nothing_left(devices=["lo", "eth0"])
+
+
+# Sends 2 MiB to whoever connects on one port and reads 2 MiB from whoever connects on the
+# next, then closes, printing how long the second MiB took (nftables' limit starts with a
+# second's worth of tokens beyond the burst: the first MiB is partly free).
+BULK = """
+import socket, sys, threading, time
+def serve(port, send):
+    s = socket.socket(socket.AF_INET6)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("::", port))
+    s.listen()
+    while True:
+        c, _ = s.accept()
+        if send:
+            c.sendall(bytes(2 << 20))
+        else:
+            got, half = 0, 0.0
+            while got < 2 << 20 and (chunk := c.recv(65536)):
+                got += len(chunk)
+                if not half and got >= 1 << 20:
+                    half = time.monotonic()
+            print("SINK", got, time.monotonic() - half, flush=True)
+        c.close()
+threading.Thread(target=serve, args=(int(sys.argv[1]) + 1, False)).start()
+serve(int(sys.argv[1]), True)
+"""
+MBIT = 4
+
+
+def test_bandwidth_towards_and_from_the_guest(
+    netns: Netns, node: tuple[str, subprocess.Popen[bytes]]
+) -> None:
+    """4 Mbit/s each way: shaped towards the guest (htb on the tap), policed from it
+    (nftables' limit at the tap's ingress). Unlimited, this guest moves 2 MiB in well under a
+    second each way (see the note in the README)."""
+    node_ns, pod_server = node
+    bulk = subprocess.Popen(
+        ["ip", "netns", "exec", node_ns, sys.executable, "-c", BULK, "8001"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        nic = {
+            "binding": "masquerade",
+            "bandwidth": {"ingress_mbit": MBIT, "egress_mbit": MBIT, "burst_kb": 32},
+        }
+        netns.start(netns.spec(f"guest.pull={NODE4}:8001 guest.push={NODE4}:8002", nics=[nic]))
+        netns.wait_console("GUEST-READY", timeout=120)
+        console = netns.console()
+        shaped = sh(netns.name, "tc", "class", "show", "dev", "tap0")
+        policed = sh(netns.name, "nft", "list", "table", "netdev", "instance_runner")
+    finally:
+        bulk.kill()
+        sink = bulk.communicate()[0]
+    (pulled,) = [
+        line.split("GUEST-PULLED")[1].split()
+        for line in console.splitlines()
+        if "GUEST-PULLED" in line
+    ]
+    (pushed,) = [line.split()[1:] for line in sink.splitlines() if line.startswith("SINK")]
+    assert pulled[0] == pushed[0] == str(2 << 20)
+    towards = (2 << 20) * 8 / (int(pulled[1]) / 100) / 1e6  # timed by the guest
+    away = (1 << 20) * 8 / float(pushed[1]) / 1e6  # the second MiB, timed by the node
+    print(f"bandwidth: towards the guest {towards:.2f} Mbit/s, from it {away:.2f} Mbit/s")
+    assert f"rate {MBIT}Mbit" in shaped
+    assert "limit rate over 500 kbytes/second burst 32 kbytes drop" in policed
+    # Within the limit (headers count against it, so a little under), and near it.
+    assert 0.3 * MBIT < towards < 1.1 * MBIT
+    assert 0.2 * MBIT < away < 1.1 * MBIT
+
+    assert netns.finish() == 0
+    pod_server.kill()
+    pod_server.wait()
+    netns.assert_nothing_left(devices=["lo", "eth0"])
+    ruleset = json.loads(sh(netns.name, "nft", "-j", "list", "ruleset"))["nftables"]
+    assert [r for r in ruleset if "metainfo" not in r] == [], "nft table left"

@@ -160,3 +160,30 @@ def test_a_passt_nic_has_the_pods_addresses() -> None:
     with pytest.raises(spec.SpecError, match="takes no tap or ipv6_prefix"):
         load(binding="passt", tap="t0")
     assert not load(binding="passt").nics[0].makes_tap
+
+
+def test_bandwidth_shaped_towards_the_guest_and_policed_from_it() -> None:
+    (qdisc, klass) = argv.tc_shape("tap0", 100, 64)
+    assert qdisc[:6] == ["tc", "qdisc", "replace", "dev", "tap0", "root"]
+    assert klass[klass.index("rate") + 1] == klass[klass.index("ceil") + 1] == "100mbit"
+    doc = netrules.limits([netrules.Limit(tap="tap0", mbit=8, burst_kb=64)])
+    chains = [c["add"]["chain"] for c in doc["nftables"] if "chain" in c.get("add", {})]
+    assert chains[0]["hook"] == "ingress" and chains[0]["dev"] == "tap0"
+    (rule,) = [c["add"]["rule"]["expr"] for c in doc["nftables"] if "rule" in c.get("add", {})]
+    assert (
+        rule[0]["limit"]["rate"] == 1000 and rule[0]["limit"]["inv"] and rule[1] == {"drop": None}
+    )
+
+
+@pytest.mark.parametrize(
+    ("nic", "message"),
+    [
+        ({"binding": "passt", "bandwidth": {"ingress_mbit": 8}}, "not for a passt or tap-fd"),
+        ({"bandwidth": {}}, "needs ingress_mbit, egress_mbit or both"),
+        ({"bandwidth": {"egress_mbit": 0}}, "between 1 and 400000"),
+        ({"bandwidth": {"egress_mbit": 8, "burst_kb": 1}}, "burst_kb 1"),
+    ],
+)
+def test_bandwidth_refused(nic: dict[str, object], message: str) -> None:
+    with pytest.raises(spec.SpecError, match=message):
+        load(**nic)
