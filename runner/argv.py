@@ -8,7 +8,7 @@ from typing import Literal
 
 import attrs
 
-from runner import cpus
+from runner import cpus, netrules
 from runner.netrules import Port
 from runner.placement import Layout
 from runner.spec import InstanceSpec, Nic, Share
@@ -105,7 +105,7 @@ def qemu_argv(
             "-netdev",
             netdev,
             "-device",
-            f"virtio-net-pci,netdev=net{i},mac={spec.mac(i)},host_mtu={nic.mtu}",
+            f"virtio-net-pci,netdev=net{i},mac={spec.mac(i)},host_mtu={nic.link_mtu}",
         ]
     for i, share in enumerate(spec.shares):
         argv += [
@@ -205,10 +205,14 @@ def dnsmasq_argv(spec: InstanceSpec, index: int, binary: str = "dnsmasq") -> lis
     nic: Nic = spec.nics[index]
     options = [
         f"--dhcp-option=option:router,{nic.gateway_address}",
-        f"--dhcp-option=option:mtu,{nic.mtu}",
+        f"--dhcp-option=option:mtu,{nic.link_mtu}",
     ]
     if nic.dns:
         options.append(f"--dhcp-option=option:dns-server,{','.join(nic.dns)}")
+    if nic.search:
+        options.append(f"--dhcp-option=option:domain-search,{','.join(nic.search)}")
+    if hostname := netrules.hostname(spec.name):
+        options.append(f"--dhcp-option=12,{hostname}")  # dnsmasq has no name for it
     guest6 = spec.guest6(index)
     if guest6 is not None:
         options += ["--enable-ra", f"--dhcp-range={guest6},{guest6},slaac,64"]
@@ -283,7 +287,7 @@ def passt_argv(
         "--fd",
         str(fd),
         "--mtu",
-        str(nic.mtu),
+        str(nic.link_mtu),
         "--no-map-gw",
         "--tcp-ports",
         _passt_ports(nic.ports, "tcp", reserved),

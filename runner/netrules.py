@@ -15,6 +15,7 @@ The guest sits on a tap behind the pod's address, as KubeVirt's masquerade bindi
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -250,3 +251,52 @@ def limits(taps: Sequence[Limit], table: str = TABLE) -> Json:
 def limits_removal(table: str = TABLE) -> Json:
     t = {"family": "netdev", "name": table}
     return {"nftables": [{"add": {"table": t}}, {"delete": {"table": t}}]}
+
+
+# --- what a masquerade guest takes from its pod ---------------------------------------------------
+
+_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
+MAX_NAMESERVERS, MAX_SEARCH = 3, 6  # glibc's MAXNS, and its historical search limit
+
+
+def is_domain(text: str) -> bool:
+    labels = text.rstrip(".").split(".")
+    return 0 < len(text) <= 253 and all(_LABEL.match(label) for label in labels)
+
+
+def hostname(name: str) -> str | None:
+    """The instance name as the guest's host name (DHCP option 12), if it can be one."""
+    label = name.replace("_", "-").strip("-.")
+    return label if is_domain(label) else None
+
+
+@attrs.frozen
+class Resolver:
+    nameservers: tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, ...] = ()
+    search: tuple[str, ...] = ()
+
+
+def parse_resolv_conf(text: str) -> Resolver:
+    """The pod's /etc/resolv.conf (kubelet writes it): nameservers and search domains, bounded
+    as the C library bounds them; what is not an address or a DNS name is skipped."""
+    servers: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = []
+    search: list[str] = []
+    for line in text.splitlines()[:1000]:
+        words = line.split("#", 1)[0].split()
+        if len(words) >= 2 and words[0] == "nameserver" and len(servers) < MAX_NAMESERVERS:
+            try:
+                servers.append(ipaddress.ip_address(words[1]))
+            except ValueError:
+                continue
+        elif words and words[0] in ("search", "domain"):
+            search = [w for w in words[1:] if is_domain(w)][:MAX_SEARCH]
+    return Resolver(tuple(servers), tuple(search))
+
+
+def default_interface(route: str) -> str | None:
+    """The interface of the IPv4 default route, from /proc/net/route."""
+    for line in route.splitlines()[1:]:
+        fields = line.split()
+        if len(fields) >= 8 and fields[1] == "00000000" and fields[7] == "00000000":
+            return fields[0]
+    return None

@@ -148,8 +148,10 @@ class Nic:
     # A /64: the guest's address is its SLAAC one (from its MAC), also given by DHCPv6.
     ipv6_prefix: str | None = None
     ports: tuple[Port, ...] = ()  # masquerade: the ports forwarded to the guest; () = all
+    # Default for a masquerade nic: the pod's (its /etc/resolv.conf, its uplink's MTU).
     dns: tuple[str, ...] = ()
-    mtu: int = 1500
+    search: tuple[str, ...] = ()
+    mtu: int | None = None  # None: the pod's uplink's for masquerade, else 1500
     bandwidth: Bandwidth | None = None
 
     def __attrs_post_init__(self) -> None:
@@ -187,12 +189,19 @@ class Nic:
             raise ValueError(f"gateway {gw} must be another host address in {net}")
         for server in self.dns:
             _ipv4(server, "dns server")
-        if not 576 <= self.mtu <= 9000:
+        if self.mtu is not None and not 576 <= self.mtu <= 9000:
             raise ValueError(f"mtu {self.mtu} must be between 576 and 9000")
+        for domain in self.search:
+            if not netrules.is_domain(domain):
+                raise ValueError(f"search domain {domain!r} is not a DNS name")
 
     @property
     def network(self) -> ipaddress.IPv4Network:
         return ipaddress.IPv4Network(f"{self.ip}/{self.prefix}", strict=False)
+
+    @property
+    def link_mtu(self) -> int:
+        return self.mtu if self.mtu is not None else 1500
 
     @property
     def makes_tap(self) -> bool:

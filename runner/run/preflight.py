@@ -13,7 +13,7 @@ from typing import Literal
 
 import attrs
 
-from runner import cpus, kube, mounts, placement, plan, spec, topology
+from runner import cpus, kube, mounts, netrules, placement, plan, spec, topology
 from runner.log import log
 from runner.node import procfs
 from runner.node.cgroupfs import CgroupError, CgroupFS
@@ -65,6 +65,39 @@ class Prepared:
         return self.isolation
 
 
+def pod_network(nics: tuple[spec.Nic, ...]) -> tuple[spec.Nic, ...]:
+    """A masquerade nic takes what the spec leaves out from its pod: the MTU of the pod's
+    uplink (the interface of its default route), the pod's DNS servers and search domains."""
+    if not any(n.binding == "masquerade" and (n.mtu is None or not n.dns) for n in nics):
+        return nics
+    try:
+        resolver = netrules.parse_resolv_conf(procfs.read("/etc/resolv.conf"))
+    except OSError:
+        resolver = netrules.Resolver()
+    mtu = None
+    try:
+        uplink = netrules.default_interface(procfs.read("/proc/net/route"))
+        if uplink is not None:
+            mtu = min(max(int(procfs.read(f"/sys/class/net/{uplink}/mtu")), 576), 9000)
+    except (OSError, ValueError):
+        pass
+    out = []
+    for nic in nics:
+        if nic.binding == "masquerade":
+            dns = nic.dns or tuple(str(a) for a in resolver.nameservers if a.version == 4)
+            nic = attrs.evolve(
+                nic,
+                mtu=nic.mtu if nic.mtu is not None else mtu,
+                dns=dns,
+                search=nic.search or (resolver.search if not nic.dns else ()),
+            )
+            log.info(
+                "pod-network", mtu=nic.link_mtu, dns=",".join(dns), search=" ".join(nic.search)
+            )
+        out.append(nic)
+    return tuple(out)
+
+
 def preflight(o: Options) -> Prepared:
     if os.geteuid() != 0:
         raise StartupError(
@@ -81,7 +114,7 @@ def preflight(o: Options) -> Prepared:
     qemu_path = shutil.which(the_spec.qemu_binary)
     if qemu_path is None:
         raise StartupError(f"QEMU binary {the_spec.qemu_binary!r} not found")
-    the_spec = attrs.evolve(the_spec, qemu_binary=qemu_path)
+    the_spec = attrs.evolve(the_spec, qemu_binary=qemu_path, nics=pod_network(the_spec.nics))
     accel: Literal["kvm", "tcg"] = (
         the_spec.accel if the_spec.accel != "auto" else ("kvm" if kvm_usable() else "tcg")
     )

@@ -225,7 +225,7 @@ async def plumb(s: Startup) -> None:
             nic_fds.append(fd)
             commands = [
                 ["ip", "address", "add", f"{nic.gateway_address}/{nic.prefix}", "dev", name],
-                ["ip", "link", "set", "dev", name, "mtu", str(nic.mtu), "up"],
+                ["ip", "link", "set", "dev", name, "mtu", str(nic.link_mtu), "up"],
             ]
             if nic.gateway6_address is not None:  # no DAD: the tap is ours alone
                 gw6 = f"{nic.gateway6_address}/64"

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -28,6 +29,11 @@ pytestmark = [
 POD4, NODE4, POD6, NODE6 = "192.168.77.2", "192.168.77.1", "fd00:77::2", "fd00:77::1"
 PEER4, PEER6 = "192.168.77.3", "fd00:77::3"  # another host on the pod network, not the gateway
 METRICS = 9464
+RESOLV_CONF = (
+    "search default.svc.cluster.local svc.cluster.local cluster.local\n"
+    "nameserver 10.96.0.10\n"
+    "options ndots:5\n"
+)
 # Sends one line naming the client's address, then closes: what the guest fetches.
 SERVER = """
 import socket, sys
@@ -64,14 +70,19 @@ def http(ns: str, url: str) -> str:
 
 @pytest.fixture
 def node(netns: Netns) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """The node's namespace, joined to the pod's by a veth (the pod's eth0), with a server on
-    port 8000; a server in the pod on 7000 that the guest must not reach."""
+    """The node's namespace, joined to the pod's by a veth (the pod's eth0, MTU 1450 as on an
+    overlay network), with a server on port 8000; a server in the pod on 7000 that the guest
+    must not reach; the pod's resolv.conf as kubelet writes it (`ip netns exec` mounts
+    /etc/netns/<name>/resolv.conf there)."""
     name = f"{netns.name}-node"
     subprocess.run(["ip", "netns", "add", name], check=True)
     servers: list[subprocess.Popen[bytes]] = []
+    etc = Path("/etc/netns") / netns.name
+    etc.mkdir(parents=True)
+    (etc / "resolv.conf").write_text(RESOLV_CONF)
     try:
         for cmd in (
-            f"ip link add eth0 netns {netns.name} type veth peer name veth0 netns {name}",
+            f"ip link add eth0 netns {netns.name} mtu 1450 type veth peer name veth0 netns {name}",
             f"ip -n {name} address add {NODE4}/24 dev veth0",
             f"ip -n {name} address add {NODE6}/64 dev veth0 nodad",
             f"ip -n {name} address add {PEER4}/24 dev veth0",
@@ -95,6 +106,7 @@ def node(netns: Netns) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
             server.kill()
             server.wait()
         subprocess.run(["ip", "netns", "del", name], check=True)
+        shutil.rmtree(etc)
 
 
 def test_the_guest_on_the_pod_network(
@@ -113,6 +125,9 @@ def test_the_guest_on_the_pod_network(
     console = netns.console()
 
     assert f"GUEST-IP6 {guest6}" in console  # SLAAC from the runner's Router Advertisements
+    # The pod's MTU, DNS and search domains, and the instance's name.
+    search = "default.svc.cluster.local svc.cluster.local cluster.local"
+    assert f"GUEST-LEASE mtu=1450 dns=10.96.0.10 search={search} hostname=e2e" in console
     # Out: seen as the pod, on both families; nothing of the pod itself.
     assert f"GUEST-FETCHED {NODE4}:8000 node sees {POD4}" in console
     assert f"GUEST-FETCHED {NODE6}:8000 node sees {POD6}" in console, console

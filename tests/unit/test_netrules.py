@@ -187,3 +187,32 @@ def test_bandwidth_shaped_towards_the_guest_and_policed_from_it() -> None:
 def test_bandwidth_refused(nic: dict[str, object], message: str) -> None:
     with pytest.raises(spec.SpecError, match=message):
         load(**nic)
+
+
+def test_the_pods_resolver_bounded_as_libc_bounds_it() -> None:
+    text = (
+        "# kubelet\nsearch ns.svc.cluster.local svc.cluster.local bad_label -x- cluster.local\n"
+        "nameserver 10.96.0.10\nnameserver fd00::a\nnameserver not-an-address\n"
+        "nameserver 10.0.0.2\nnameserver 10.0.0.3\noptions ndots:5\n"
+    )
+    r = netrules.parse_resolv_conf(text)
+    assert [str(a) for a in r.nameservers] == ["10.96.0.10", "fd00::a", "10.0.0.2"]
+    assert r.search == ("ns.svc.cluster.local", "svc.cluster.local", "cluster.local")
+    assert netrules.parse_resolv_conf("\udcff garbage\n") == netrules.Resolver()
+
+
+def test_the_default_routes_interface() -> None:
+    route = (
+        "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\n"
+        "eth0\t0001A8C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\n"
+        "eth0\t00000000\t0101A8C0\t0003\t0\t0\t0\t00000000\n"
+    )
+    assert netrules.default_interface(route) == "eth0"
+    assert netrules.default_interface(route.splitlines()[0]) is None
+
+
+@pytest.mark.parametrize(
+    ("name", "host"), [("vm-1", "vm-1"), ("gpu_node_7", "gpu-node-7"), ("-", None), ("a.b", "a.b")]
+)
+def test_the_instance_name_as_host_name(name: str, host: str | None) -> None:
+    assert netrules.hostname(name) == host
