@@ -3,13 +3,16 @@
 
 from __future__ import annotations
 
+import ipaddress
+import json
 import os
 from pathlib import Path
 
 import pytest
 
-from runner import kube, placement, plan, spec, topology
-from runner.argv import Wiring, dnsmasq_argv, qemu_argv, virtiofsd_argv
+from runner import kube, netrules, placement, plan, spec, topology
+from runner.argv import Wiring, dnsmasq_argv, passt_argv, qemu_argv, tc_shape, virtiofsd_argv
+from runner.netrules import Port
 
 from . import sysfs
 
@@ -35,6 +38,7 @@ def command_lines(s: spec.InstanceSpec) -> str:
         qmp_fd=3,
         console_fd=4 if s.console.stdout or s.console.log_file else None,
         nic_fds=tuple(10 + i for i in range(len(s.nics))),
+        streams=frozenset(i for i, n in enumerate(s.nics) if n.binding == "passt"),
         share_sockets=tuple(f"/run/instance-runner/fs{i}.sock" for i in range(len(s.shares))),
     )
     accel = "kvm" if s.accel == "kvm" else "tcg"
@@ -43,8 +47,23 @@ def command_lines(s: spec.InstanceSpec) -> str:
         ("qemu, isolation off", qemu_argv(s, accel, wiring)),
     ]
     for i, nic in enumerate(s.nics):
-        if nic.mode == "tap":
+        if nic.makes_tap:
             blocks.append((f"dnsmasq {i}", dnsmasq_argv(s, i)))
+        if nic.binding == "passt":
+            blocks.append((f"passt {i}", passt_argv(s, i, 20 + i, "passt", [Port(port=9464)])))
+        if nic.bandwidth is not None and nic.bandwidth.ingress_mbit is not None:
+            for argv in tc_shape(s.tap_name(i), nic.bandwidth.ingress_mbit, nic.bandwidth.burst_kb):
+                blocks.append((f"tc {i}", argv))
+        if nic.binding == "masquerade":
+            rules = netrules.Masquerade(
+                tap=s.tap_name(i),
+                guest4=ipaddress.IPv4Address(nic.ip),
+                gateway4=nic.gateway_address,
+                guest6=s.guest6(i),
+                ports=nic.ports,
+                reserved=(Port(port=9464),),
+            )
+            blocks.append((f"nft {i}", json.dumps(netrules.ruleset(rules), indent=1).splitlines()))
     for i, share in enumerate(s.shares):
         for flavour in ("c", "rust"):
             blocks.append(
