@@ -4,11 +4,14 @@ is the proof; the rules are runner.netrules (tests/unit/test_netrules.py)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -107,6 +110,8 @@ def node(netns: Netns) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
             server.wait()
         subprocess.run(["ip", "netns", "del", name], check=True)
         shutil.rmtree(etc)
+        with contextlib.suppress(OSError):  # ours, unless other namespaces have files there
+            etc.parent.rmdir()
 
 
 def test_the_guest_on_the_pod_network(
@@ -271,3 +276,29 @@ def test_bandwidth_towards_and_from_the_guest(
     netns.assert_nothing_left(devices=["lo", "eth0"])
     ruleset = json.loads(sh(netns.name, "nft", "-j", "list", "ruleset"))["nftables"]
     assert [r for r in ruleset if "metainfo" not in r] == [], "nft table left"
+
+
+@pytest.mark.parametrize("step", ["masquerade", "qemu"])
+def test_sigterm_during_the_network_steps_leaves_nothing(netns: Netns, step: str) -> None:
+    """Stopped before the rules (the bandwidth step done) or after them: no table, no qdisc
+    owner, every sysctl as it was, no process."""
+    forward = sh(netns.name, "sysctl", "-n", "net.ipv4.ip_forward").strip()
+    nic = {
+        "binding": "masquerade",
+        "ipv6_prefix": "fd10:0:2::/64",
+        "bandwidth": {"ingress_mbit": 10, "egress_mbit": 10},
+    }
+    netns.start(netns.spec(nics=[nic]), "--pause-before", step)
+    paused = netns.tmp / "run" / "paused"
+    deadline = time.monotonic() + 30
+    while not paused.exists():
+        assert time.monotonic() < deadline and netns.proc is not None
+        assert netns.proc.poll() is None, netns.err.read_text()
+        time.sleep(0.05)
+    tables = sh(netns.name, "nft", "list", "tables").split()
+    assert "netdev" in tables and ("inet" in tables) == (step == "qemu")
+    assert netns.finish() == 128 + signal.SIGTERM
+    netns.assert_nothing_left()
+    assert sh(netns.name, "nft", "list", "tables").strip() == ""
+    assert sh(netns.name, "sysctl", "-n", "net.ipv4.ip_forward").strip() == forward
+    assert sh(netns.name, "sysctl", "-n", "net.ipv6.conf.all.forwarding").strip() == "0"
