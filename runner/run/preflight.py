@@ -65,6 +65,16 @@ class Prepared:
         return self.isolation
 
 
+def _helper(name: str, path: str, needed_by: str, needed: bool) -> str:
+    """The helper binary's path if the spec needs it ("" if not); refused if it is missing."""
+    if not needed:
+        return ""
+    found = shutil.which(path)
+    if found is None:
+        raise StartupError(f"{name} binary {path!r} not found (needed by {needed_by})")
+    return found
+
+
 def pod_network(nics: tuple[spec.Nic, ...]) -> tuple[spec.Nic, ...]:
     """A masquerade nic takes what the spec leaves out from its pod: the MTU of the pod's
     uplink (the interface of its default route), the pod's DNS servers and search domains."""
@@ -118,25 +128,15 @@ def preflight(o: Options) -> Prepared:
     accel: Literal["kvm", "tcg"] = (
         the_spec.accel if the_spec.accel != "auto" else ("kvm" if kvm_usable() else "tcg")
     )
-    dnsmasq = ""
-    if any(n.makes_tap for n in the_spec.nics):
-        dnsmasq = shutil.which(o.dnsmasq) or ""
-        if not dnsmasq:
-            raise StartupError(
-                f"dnsmasq binary {o.dnsmasq!r} not found (needed by the spec's tap nics)"
-            )
-    nft = ""
-    if any(n.binding == "masquerade" or n.bandwidth is not None for n in the_spec.nics):
-        nft = shutil.which(o.nft) or ""
-        if not nft:
-            raise StartupError(
-                f"nft binary {o.nft!r} not found (needed by a masquerade nic or a bandwidth limit)"
-            )
-    passt = ""
-    if any(n.binding == "passt" for n in the_spec.nics):
-        passt = shutil.which(o.passt) or ""
-        if not passt:
-            raise StartupError(f"passt binary {o.passt!r} not found (needed by a passt nic)")
+    nics = the_spec.nics
+    dnsmasq = _helper("dnsmasq", o.dnsmasq, "the spec's tap nics", any(n.makes_tap for n in nics))
+    nft = _helper(
+        "nft",
+        o.nft,
+        "a masquerade nic or a bandwidth limit",
+        any(n.binding == "masquerade" or n.bandwidth is not None for n in nics),
+    )
+    passt = _helper("passt", o.passt, "a passt nic", any(n.binding == "passt" for n in nics))
     shares = share_server(the_spec, o.virtiofsd)
     host = read_host() if o.isolation == "on" or the_spec.devices else None
     if the_spec.devices:
