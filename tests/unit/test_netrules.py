@@ -216,3 +216,14 @@ def test_the_default_routes_interface() -> None:
 )
 def test_the_instance_name_as_host_name(name: str, host: str | None) -> None:
     assert netrules.hostname(name) == host
+
+
+def test_a_helper_binary_is_looked_for_only_when_needed() -> None:
+    from runner.run.options import StartupError
+    from runner.run.preflight import _helper
+
+    assert _helper("passt", "/nonexistent/passt", "a passt nic", needed=False) == ""
+    line = r"^passt binary '/nonexistent/passt' not found \(needed by a passt nic\)$"
+    with pytest.raises(StartupError, match=line):
+        _helper("passt", "/nonexistent/passt", "a passt nic", needed=True)
+    assert _helper("sh", "sh", "a test", needed=True).endswith("/sh")
