@@ -135,25 +135,17 @@ def ruleset(nic: Masquerade, table: str = TABLE) -> Json:
     cmds.append(_rule("prerouting", _iif(nic.tap), {"return": None}, table=table))
     cmds += _to_guest(nic, "prerouting", [], table)
     cmds += _to_guest(nic, "output", [], table)
-    cmds.append(
+    guests = [("ip", nic.guest4)] + ([("ip6", nic.guest6)] if nic.guest6 is not None else [])
+    cmds += [
         _rule(
             "postrouting",
-            _addr("ip", "saddr", str(nic.guest4)),
+            _addr(family, "saddr", str(addr)),
             _oif(nic.tap, "!="),
             {"masquerade": None},
             table=table,
         )
-    )
-    if nic.guest6 is not None:
-        cmds.append(
-            _rule(
-                "postrouting",
-                _addr("ip6", "saddr", str(nic.guest6)),
-                _oif(nic.tap, "!="),
-                {"masquerade": None},
-                table=table,
-            )
-        )
+        for family, addr in guests
+    ]
     cmds.append(
         _rule(
             "postrouting",

@@ -168,13 +168,18 @@ async def passt(
             child = plumbing.spawn_logged(reaper, nursery, name, argv, pass_fds=(fd,))
         except OSError as e:
             raise plumbing.PlumbingError(f"cannot start {argv[0]}: {e.strerror}") from None
-        try:
-            task_status.started(child)
-            await trio.sleep_forever()
-        finally:
-            with trio.CancelScope(shield=True):
-                await child.stop(2)
-            nursery.cancel_scope.cancel()
+        await _hold(child, nursery, task_status)
+
+
+async def _hold(child: Child, nursery: trio.Nursery, task_status: trio.TaskStatus[Child]) -> None:
+    """Report the child and keep it until cancelled; then stop it, and its output readers."""
+    try:
+        task_status.started(child)
+        await trio.sleep_forever()
+    finally:
+        with trio.CancelScope(shield=True):
+            await child.stop(2)
+        nursery.cancel_scope.cancel()
 
 
 async def socket_daemon(
@@ -192,13 +197,7 @@ async def socket_daemon(
             child = await plumbing.start_socket_daemon(
                 reaper, nursery, name, argv, socket_path, timeout=10
             )
-            try:
-                task_status.started(child)
-                await trio.sleep_forever()
-            finally:
-                with trio.CancelScope(shield=True):
-                    await child.stop(2)
-                nursery.cancel_scope.cancel()
+            await _hold(child, nursery, task_status)
     finally:
         Path(socket_path).unlink(missing_ok=True)
 
