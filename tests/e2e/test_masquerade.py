@@ -57,6 +57,16 @@ def sh(ns: str, *argv: str) -> str:
     ).stdout
 
 
+def stopped_clean(netns: Netns, pod_server: subprocess.Popen[bytes]) -> None:
+    """SIGTERM ends the runner with 0 and leaves no process, device or nftables table."""
+    assert netns.finish() == 0
+    pod_server.kill()
+    pod_server.wait()
+    netns.assert_nothing_left(devices=["lo", "eth0"])
+    ruleset = json.loads(sh(netns.name, "nft", "-j", "list", "ruleset"))["nftables"]
+    assert [r for r in ruleset if "metainfo" not in r] == [], "nft table left"
+
+
 def http(ns: str, url: str) -> str:
     """The body (an address as busybox httpd gives it, `[::ffff:a.b.c.d]`, made plain), or the
     error (a connection refused or timed out)."""
@@ -153,12 +163,7 @@ def test_the_guest_on_the_pod_network(
     assert http(netns.name, "http://127.0.0.1/cgi-bin/who") == "guest sees 10.0.2.1"
     assert sh(netns.name, "sysctl", "-n", "net.ipv4.ip_forward").strip() == "1"
 
-    assert netns.finish() == 0
-    pod_server.kill()
-    pod_server.wait()
-    netns.assert_nothing_left(devices=["lo", "eth0"])
-    ruleset = json.loads(sh(netns.name, "nft", "-j", "list", "ruleset"))["nftables"]
-    assert [r for r in ruleset if "metainfo" not in r] == [], "nft table left"
+    stopped_clean(netns, pod_server)
     assert sh(netns.name, "sysctl", "-n", "net.ipv4.ip_forward").strip() == "0"
     assert sh(netns.name, "sysctl", "-n", "net.ipv6.conf.all.forwarding").strip() == "0"
 
@@ -195,10 +200,7 @@ def test_passt_gives_the_guest_the_pods_own_address(
     ruleset = json.loads(sh(netns.name, "nft", "-j", "list", "ruleset"))["nftables"]
     assert [r for r in ruleset if "metainfo" not in r] == []
 
-    assert netns.finish() == 0
-    pod_server.kill()
-    pod_server.wait()
-    netns.assert_nothing_left(devices=["lo", "eth0"])
+    stopped_clean(netns, pod_server)
 
 
 # Sends 2 MiB to whoever connects on one port and reads 2 MiB from whoever connects on the
@@ -270,12 +272,7 @@ def test_bandwidth_towards_and_from_the_guest(
     assert 0.3 * MBIT < towards < 1.1 * MBIT
     assert 0.2 * MBIT < away < 1.1 * MBIT
 
-    assert netns.finish() == 0
-    pod_server.kill()
-    pod_server.wait()
-    netns.assert_nothing_left(devices=["lo", "eth0"])
-    ruleset = json.loads(sh(netns.name, "nft", "-j", "list", "ruleset"))["nftables"]
-    assert [r for r in ruleset if "metainfo" not in r] == [], "nft table left"
+    stopped_clean(netns, pod_server)
 
 
 @pytest.mark.parametrize("step", ["masquerade", "qemu"])
