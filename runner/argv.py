@@ -234,33 +234,6 @@ def dnsmasq_argv(spec: InstanceSpec, index: int, binary: str = "dnsmasq") -> lis
     ]
 
 
-def tc_shape(tap: str, mbit: int, burst_kb: int) -> list[list[str]]:
-    """Traffic towards a guest, shaped on its tap as libvirt's <bandwidth> does: an htb class
-    at the rate (its leaf is htb's default fifo: sfq and fq_codel are modules a node may not
-    have)."""
-    dev = ["dev", tap]
-    return [
-        ["tc", "qdisc", "replace", *dev, "root", "handle", "1:", "htb", "default", "1"],
-        [
-            "tc",
-            "class",
-            "replace",
-            *dev,
-            "parent",
-            "1:",
-            "classid",
-            "1:1",
-            "htb",
-            "rate",
-            f"{mbit}mbit",
-            "ceil",
-            f"{mbit}mbit",
-            "burst",
-            f"{burst_kb}k",
-        ],
-    ]
-
-
 def _passt_ports(ports: Sequence[Port], protocol: str, reserved: Sequence[Port]) -> str:
     """passt's port spec: the listed ports, or every one but the runner's own."""
     if ports:

@@ -337,6 +337,14 @@ def run(log_format: str, log_level: str, **kw: Any) -> None:
     "subtree; guest RAM preallocated before the move stays the pod's [default: max].",
 )
 @option(
+    "--nft",
+    env="NFT",
+    default="nft",
+    metavar="PATH",
+    help="nftables' nft binary, for the masquerade and bandwidth rules the controller makes "
+    "in a VM pod's network namespace.",
+)
+@option(
     "--health-address",
     env="HEALTH_ADDRESS",
     metavar="HOST:PORT",
@@ -348,7 +356,8 @@ def controller(log_format: str, log_level: str, **kw: Any) -> None:
     """Run the node's instance cgroup controller (a DaemonSet on every worker).
 
     Owns <root>/float and <root>/instance-<pod uid>. Runners register over JSON-RPC 2.0
-    (registerCgroup, deregisterCgroup, listInstances, health), one request per line. float
+    (registerCgroup, deregisterCgroup, moveProcess, placeVcpus, instanceStatus, makeNetwork,
+    unmakeNetwork, listInstances, health), one request per line. float
     follows kubelet's defaultCpuSet; instance cgroups of pods that are gone are removed.
     """
     from runner.controller.server import Server

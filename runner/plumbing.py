@@ -6,9 +6,7 @@ one reaper (runner.procs), including the short `ip` commands.
 
 from __future__ import annotations
 
-import fcntl
 import os
-import struct
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,8 +15,6 @@ import trio
 from runner.log import log
 from runner.procs import Child, Reaper
 
-TUNSETIFF = 0x400454CA
-IFF_TAP, IFF_NO_PI = 0x0002, 0x1000
 MAX_LINE = 8192  # bytes: a guest writing without newlines must not grow PID 1's memory
 
 
@@ -96,22 +92,6 @@ async def run_command(
         if child.running:  # timed out, or start-up interrupted: never leave it behind
             with trio.CancelScope(shield=True):
                 await child.stop(1)
-
-
-def create_tap(name: str) -> int:
-    """A new, non-persistent tap: it vanishes when the last fd (ours, QEMU's) closes."""
-    if Path(f"/sys/class/net/{name}").exists():
-        raise PlumbingError(f"network device {name} already exists")
-    try:
-        fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
-    except OSError as e:
-        raise PlumbingError(f"cannot open /dev/net/tun: {e.strerror}") from None
-    try:
-        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), IFF_TAP | IFF_NO_PI))
-    except OSError as e:
-        os.close(fd)
-        raise PlumbingError(f"cannot create tap {name}: {e.strerror}") from None
-    return fd
 
 
 async def start_socket_daemon(

@@ -13,6 +13,7 @@ from typing import Any, Literal
 import attrs
 import trio
 
+from runner.netplan import NetworkPlan
 from runner.node.cgroupfs import Pressure
 from runner.node.pinning import KeptCounts
 from runner.plan import Placed
@@ -145,12 +146,40 @@ class StatusResult:
     kept: KeptCounts | None
 
 
+@attrs.frozen
+class NetworkParams:
+    """Make the plan in the caller's own network namespace (taps owned by the caller's
+    user, the sysctls and the tables it needs)."""
+
+    uuid: str
+    plan: NetworkPlan
+
+
+@attrs.frozen
+class NetworkResult:
+    before: dict[str, str]  # the sysctls as they were: sent back to unmake the plan
+
+
+@attrs.frozen
+class UnmakeNetworkParams:
+    uuid: str
+    plan: NetworkPlan
+    before: dict[str, str]
+
+
+@attrs.frozen
+class UnmakeNetworkResult:
+    removed: bool
+
+
 PARAMS: dict[str, type] = {
     "registerCgroup": RegisterParams,
     "deregisterCgroup": DeregisterParams,
     "moveProcess": MoveParams,
     "placeVcpus": PlaceParams,
     "instanceStatus": StatusParams,
+    "makeNetwork": NetworkParams,
+    "unmakeNetwork": UnmakeNetworkParams,
     "listInstances": EmptyParams,
     "health": EmptyParams,
 }

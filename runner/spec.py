@@ -138,7 +138,12 @@ class Nic:
     pod's ports to it."""
 
     mode: NicMode = "tap"
-    binding: NicBinding = "isolated"
+    # masquerade for a tap the runner makes (as KubeVirt's default); a tap-fd nic's is the giver's
+    binding: NicBinding = attrs.field(
+        default=attrs.Factory(
+            lambda self: "masquerade" if self.mode == "tap" else "isolated", takes_self=True
+        )
+    )
     tap: str | None = None
     fd: int | None = None
     mac: str | None = None  # default: stable, derived from the instance name
@@ -346,7 +351,10 @@ class InstanceSpec:
         if len(set(taps)) != len(taps):
             raise ValueError("tap names must be unique")
         if sum(n.binding == "masquerade" for n in self.nics) > 1:
-            raise ValueError("one nic at most has the masquerade binding (the pod has one address)")
+            raise ValueError(
+                "one nic at most has the masquerade binding, the default for a tap (the pod has "
+                'one address): give the others "binding": "isolated" or "passt"'
+            )
         fds = [d.fd for d in self.disks if d.fd is not None]
         fds += [n.fd for n in self.nics if n.fd is not None]
         if len(set(fds)) != len(fds):
@@ -420,6 +428,10 @@ def _converter() -> cattrs.Converter:
         return tuple(out)
 
     c.register_structure_hook_func(var_tuple, items)
+    for address in (ipaddress.IPv4Address, ipaddress.IPv6Address):
+        # From a JSON string only (an int would pass as an address).
+        c.register_structure_hook(address, lambda v, t: t(_strict(str)(v, str)))
+        c.register_unstructure_hook(address, str)
     return c
 
 

@@ -17,7 +17,7 @@ import attrs
 import trio
 
 from runner import cpus, rpc
-from runner.controller import kthreads, policy
+from runner.controller import kthreads, network, policy
 from runner.controller.identity import Peer
 from runner.controller.metrics import ControllerMetrics
 from runner.controller.tenants import Tenant, Tenants, keep
@@ -54,6 +54,7 @@ class ControllerOptions:
     pod_float_cpus: float | None = podfloat.POD_CPUS
     float_pids_max: int | None = None
     float_memory_max: int | None = None
+    nft: str = "nft"  # for the pods' masquerade and bandwidth rules
 
     @property
     def pod_float(self) -> FloatLimits:
@@ -78,6 +79,7 @@ class Service:
         self.float_bounds: tuple[str, ...] = ()  # controllers pods' parts of float get
         self.layout = Layout(self.cg, "/")
         self.metrics = ControllerMetrics()
+        self.network = network.Maker(opts.nft)
         self.keeper = FloatKeeper(
             self.layout, opts.kubelet_dir, self._young, timed=self.metrics.reconcile.observe
         )
@@ -309,6 +311,15 @@ class Service:
             )
         return rpc.PlaceResult(len(p.vcpus))
 
+    async def make_network(self, peer: Peer, p: rpc.NetworkParams) -> rpc.NetworkResult:
+        """Not under the cgroup lock: it touches no cgroup, and takes up to seconds."""
+        return await self.network.make(peer, self._tenant(peer, p.uuid).ns, p)
+
+    async def unmake_network(
+        self, peer: Peer, p: rpc.UnmakeNetworkParams
+    ) -> rpc.UnmakeNetworkResult:
+        return await self.network.unmake(peer, self._tenant(peer, p.uuid).ns, p)
+
     def _realtime(self) -> policy.Realtime:
         try:
             throttling: tuple[int, int] | None = procfs.rt_throttling()
@@ -378,6 +389,8 @@ class Service:
             "moveProcess": self.move_process,
             "placeVcpus": self.place_vcpus,
             "instanceStatus": self.instance_status,
+            "makeNetwork": self.make_network,
+            "unmakeNetwork": self.unmake_network,
             "listInstances": self.list_instances,
             "health": self.health,
         }

@@ -54,7 +54,7 @@ class Prepared:
     run_dir: Path
     boots_os: bool  # a kernel or a disk: something that can answer the power button
     dnsmasq: str  # "" when no nic needs it
-    nft: str  # "" when no nic has the masquerade binding
+    nft: str  # "" when no rules are ours to apply
     passt: str  # "" when no nic has the passt binding
     shares: ShareServer
     isolation: Isolation | None  # None: --isolation off
@@ -134,7 +134,9 @@ def preflight(o: Options) -> Prepared:
         "nft",
         o.nft,
         "a masquerade nic or a bandwidth limit",
-        any(n.binding == "masquerade" or n.bandwidth is not None for n in nics),
+        # In controller mode the controller applies the rules.
+        not o.controller_socket
+        and any(n.binding == "masquerade" or n.bandwidth is not None for n in nics),
     )
     passt = _helper("passt", o.passt, "a passt nic", any(n.binding == "passt" for n in nics))
     shares = share_server(the_spec, o.virtiofsd)

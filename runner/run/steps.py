@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
-import ipaddress
 import os
 import socket
 import time
@@ -18,15 +17,15 @@ from collections.abc import Awaitable, Callable
 import attrs
 import trio
 
-from runner import cpus, httpd, kube, netrules, plan, plumbing, podnet
-from runner.argv import Wiring, dnsmasq_argv, passt_argv, tc_shape, virtiofsd_argv
+from runner import cpus, httpd, kube, netplan, netrules, plan, plumbing, podnet
+from runner.argv import Wiring, dnsmasq_argv, passt_argv, virtiofsd_argv
 from runner.log import log
 from runner.node import procfs
 from runner.node.cgroupfs import CgroupError
 from runner.node.pinning import Keeper, PinError, check_placed
 from runner.plan import Placed
 from runner.procs import Child, Reaper
-from runner.run import services
+from runner.run import netmaker, services
 from runner.run.cgroupsource import Cgroups
 from runner.run.guest import QUIT_GRACE, Guest, since_exec
 from runner.run.observer import VcpuCounters, log_vcpu_totals, routes
@@ -52,7 +51,8 @@ class Startup:
     services: list[services.Service] = attrs.Factory(list)  # in start order
     critical: list[Child] = attrs.Factory(list)  # the guest dies with these (virtiofsd)
     tap_fds: list[int] = attrs.Factory(list)  # ours; QEMU gets copies
-    sysctls: podnet.Sysctls = attrs.Factory(podnet.Sysctls)  # as they were before us
+    network: netplan.NetworkPlan | None = None  # made in the pod's namespace
+    network_before: dict[str, str] = attrs.Factory(dict)  # its sysctls as they were
     wiring: Wiring | None = None
     qmp_ours: socket.socket | None = None
     placed: list[Placed] = attrs.Factory(list)
@@ -220,18 +220,9 @@ async def plumb(s: Startup) -> None:
             continue
         name = the_spec.tap_name(i)
         try:
-            fd = plumbing.create_tap(name)
+            fd = podnet.attach_tap(name)
             s.tap_fds.append(fd)
             nic_fds.append(fd)
-            commands = [
-                ["ip", "address", "add", f"{nic.gateway_address}/{nic.prefix}", "dev", name],
-                ["ip", "link", "set", "dev", name, "mtu", str(nic.link_mtu), "up"],
-            ]
-            if nic.gateway6_address is not None:  # no DAD: the tap is ours alone
-                gw6 = f"{nic.gateway6_address}/64"
-                commands.insert(1, ["ip", "-6", "address", "add", gw6, "dev", name, "nodad"])
-            for argv in commands:
-                await plumbing.run_command(s.reaper, s.nursery, argv)
             argv = dnsmasq_argv(the_spec, i, s.pre.dnsmasq)
             label = f"dnsmasq-{name}"
             await _launch(s, label, functools.partial(services.dnsmasq, s.reaper, label, argv))
@@ -314,7 +305,7 @@ def close_fds(s: Startup) -> None:
             os.close(s.tap_fds.pop())
 
 
-# --- masquerade: the guest on the pod network, behind the pod's address --------------------------
+# --- network: taps, forwarding, NAT and limits in the pod's namespace ---------------------------
 
 
 def _reserved(o: Options) -> tuple[netrules.Port, ...]:
@@ -324,86 +315,45 @@ def _reserved(o: Options) -> tuple[netrules.Port, ...]:
     return (netrules.Port(port=httpd.parse_address(o.metrics_address)[1]),)
 
 
-async def masquerade(s: Startup) -> None:
-    the_spec = s.pre.spec
-    for i, nic in enumerate(the_spec.nics):
-        if nic.binding != "masquerade":
-            continue
-        tap, guest6 = the_spec.tap_name(i), the_spec.guest6(i)
-        rules = netrules.Masquerade(
-            tap=tap,
-            guest4=ipaddress.IPv4Address(nic.ip),
-            gateway4=nic.gateway_address,
-            guest6=guest6,
-            ports=nic.ports,
-            reserved=_reserved(s.opts),
+def _maker(s: Startup) -> netmaker.NetworkMaker:
+    if s.opts.controller_socket and s.pre.isolation is not None:
+        return netmaker.ViaController(
+            s.opts.controller_socket, s.opts.controller_timeout, s.pre.iso.pod.pod_uid
         )
-        try:
-            s.sysctls.write(podnet.sysctls(tap, guest6 is not None))
-            doc = netrules.ruleset(rules)
-            await podnet.nft(s.reaper, s.nursery, s.pre.nft, doc, s.pre.run_dir / "nft.json")
-        except plumbing.PlumbingError as e:
-            raise StartupError(str(e)) from None
-        ports = ",".join(f"{p.port}/{p.protocol}" for p in nic.ports) or "all"
-        log.info("masquerade-ready", tap=tap, guest=nic.ip, guest6=str(guest6), ports=ports)
+    return netmaker.Local(s.reaper, s.nursery, s.pre.nft or "nft", s.pre.run_dir)
 
 
-async def unmasquerade(s: Startup) -> None:
-    try:
-        doc = netrules.removal()
-        await podnet.nft(s.reaper, s.nursery, s.pre.nft, doc, s.pre.run_dir / "nft.json")
-    except (plumbing.PlumbingError, OSError) as e:
-        log.warning("nft-table-left", table=netrules.TABLE, error=str(e))
-    s.sysctls.restore()
+def _network_plan(s: Startup) -> netplan.NetworkPlan:
+    return netplan.plan(s.pre.spec, _reserved(s.opts))
 
 
-# --- bandwidth: shaped towards each guest, policed from it ---------------------------------------
-
-
-def _egress(s: Startup) -> list[netrules.Limit]:
-    the_spec = s.pre.spec
-    return [
-        netrules.Limit(
-            tap=the_spec.tap_name(i), mbit=n.bandwidth.egress_mbit, burst_kb=n.bandwidth.burst_kb
+async def make_network(s: Startup) -> None:
+    the_plan = _network_plan(s)
+    s.network = the_plan
+    s.network_before = await _maker(s).make(the_plan)
+    for tap in the_plan.taps:
+        log.info(
+            "tap-made",
+            tap=tap.name,
+            gateway=tap.gateway4,
+            gateway6=tap.gateway6,
+            mtu=tap.mtu,
+            ingress_mbit=tap.ingress_mbit,
         )
-        for i, n in enumerate(the_spec.nics)
-        if n.bandwidth is not None and n.bandwidth.egress_mbit is not None
-    ]
+    for lim in the_plan.egress:
+        log.info("egress-limited", tap=lim.tap, mbit=lim.mbit, burst_kb=lim.burst_kb)
+    if (m := the_plan.masquerade) is not None:
+        ports = ",".join(f"{p.port}/{p.protocol}" for p in m.ports) or "all"
+        log.info(
+            "masquerade-ready", tap=m.tap, guest=str(m.guest4), guest6=str(m.guest6), ports=ports
+        )
 
 
-async def limit_bandwidth(s: Startup) -> None:
-    the_spec = s.pre.spec
-    try:
-        for i, nic in enumerate(the_spec.nics):
-            bw = nic.bandwidth
-            if bw is not None and bw.ingress_mbit is not None:
-                for argv in tc_shape(the_spec.tap_name(i), bw.ingress_mbit, bw.burst_kb):
-                    await plumbing.run_command(s.reaper, s.nursery, argv)
-        if egress := _egress(s):
-            doc = netrules.limits(egress)
-            await podnet.nft(s.reaper, s.nursery, s.pre.nft, doc, s.pre.run_dir / "nft.json")
-    except plumbing.PlumbingError as e:
-        raise StartupError(str(e)) from None
-    for i, nic in enumerate(the_spec.nics):
-        if nic.bandwidth is not None:
-            log.info(
-                "bandwidth-limited",
-                tap=the_spec.tap_name(i),
-                ingress_mbit=nic.bandwidth.ingress_mbit,
-                egress_mbit=nic.bandwidth.egress_mbit,
-                burst_kb=nic.bandwidth.burst_kb,
-            )
-
-
-async def unlimit_bandwidth(s: Startup) -> None:
-    """The qdiscs go with the taps; the netdev table is ours to delete."""
-    if not _egress(s):
+async def unmake_network(s: Startup) -> None:
+    if s.network is None:
         return
-    try:
-        doc = netrules.limits_removal()
-        await podnet.nft(s.reaper, s.nursery, s.pre.nft, doc, s.pre.run_dir / "nft.json")
-    except (plumbing.PlumbingError, OSError) as e:
-        log.warning("nft-table-left", table=netrules.TABLE, family="netdev", error=str(e))
+    await _maker(s).unmake(s.network, s.network_before)
+    s.network = None
 
 
 # --- qemu: started paused ------------------------------------------------------------------------
@@ -540,19 +490,13 @@ STEPS: tuple[Step, ...] = (
     Step("anchor", start_anchor, stop_anchor, wanted=isolated),
     Step("cgroups", obtain_cgroups, release_cgroups, wanted=isolated),
     Step("float", move_to_float, move_back, wanted=isolated),
+    Step(
+        "network",
+        make_network,
+        unmake_network,
+        wanted=lambda s: any(n.makes_tap for n in s.pre.spec.nics),
+    ),
     Step("plumbing", plumb, unplumb),
-    Step(
-        "bandwidth",
-        limit_bandwidth,
-        unlimit_bandwidth,
-        wanted=lambda s: any(n.bandwidth is not None for n in s.pre.spec.nics),
-    ),
-    Step(
-        "masquerade",
-        masquerade,
-        unmasquerade,
-        wanted=lambda s: any(n.binding == "masquerade" for n in s.pre.spec.nics),
-    ),
     Step("qemu", start_qemu, stop_qemu, undo_timeout=qemu_stop_timeout),
     Step("qmp", connect_qmp, nothing),
     Step("pin", pin, nothing, wanted=isolated),

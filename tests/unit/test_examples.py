@@ -3,15 +3,14 @@
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
 from pathlib import Path
 
 import pytest
 
-from runner import kube, netrules, placement, plan, spec, topology
-from runner.argv import Wiring, dnsmasq_argv, passt_argv, qemu_argv, tc_shape, virtiofsd_argv
+from runner import kube, netplan, netrules, placement, plan, spec, topology
+from runner.argv import Wiring, dnsmasq_argv, passt_argv, qemu_argv, virtiofsd_argv
 from runner.netrules import Port
 
 from . import sysfs
@@ -51,19 +50,15 @@ def command_lines(s: spec.InstanceSpec) -> str:
             blocks.append((f"dnsmasq {i}", dnsmasq_argv(s, i)))
         if nic.binding == "passt":
             blocks.append((f"passt {i}", passt_argv(s, i, 20 + i, "passt", [Port(port=9464)])))
-        if nic.bandwidth is not None and nic.bandwidth.ingress_mbit is not None:
-            for argv in tc_shape(s.tap_name(i), nic.bandwidth.ingress_mbit, nic.bandwidth.burst_kb):
-                blocks.append((f"tc {i}", argv))
-        if nic.binding == "masquerade":
-            rules = netrules.Masquerade(
-                tap=s.tap_name(i),
-                guest4=ipaddress.IPv4Address(nic.ip),
-                gateway4=nic.gateway_address,
-                guest6=s.guest6(i),
-                ports=nic.ports,
-                reserved=(Port(port=9464),),
-            )
-            blocks.append((f"nft {i}", json.dumps(netrules.ruleset(rules), indent=1).splitlines()))
+    net = netplan.plan(s, (Port(port=9464),))
+    if not net.empty:
+        doc = spec.converter.unstructure(net)
+        blocks.append(("network plan", json.dumps(doc, indent=1).splitlines()))
+    if net.masquerade is not None:
+        blocks.append(("nft", json.dumps(netrules.ruleset(net.masquerade), indent=1).splitlines()))
+    if net.egress:
+        limits = json.dumps(netrules.limits(net.egress), indent=1)
+        blocks.append(("nft limits", limits.splitlines()))
     for i, share in enumerate(s.shares):
         for flavour in ("c", "rust"):
             blocks.append(

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from runner import argv, netrules, spec
+from runner import argv, netplan, netrules, spec
 from runner.netrules import Masquerade, Port
 
 G4, GW4 = ipaddress.IPv4Address("10.0.2.2"), ipaddress.IPv4Address("10.0.2.1")
@@ -106,7 +106,7 @@ def load(**nic: object) -> spec.InstanceSpec:
 @pytest.mark.parametrize(
     ("nic", "message"),
     [
-        ({"ports": [{"port": 22}]}, "masquerade or passt binding only"),
+        ({"binding": "isolated", "ports": [{"port": 22}]}, "masquerade or passt binding only"),
         ({"binding": "masquerade", "ports": [{"port": 0}]}, "between 1 and 65535"),
         ({"binding": "masquerade", "ports": [{"port": 22}, {"port": 22}]}, "unique"),
         ({"binding": "masquerade", "ports": [{"port": 22, "protocol": "icmp"}]}, "protocol"),
@@ -163,9 +163,9 @@ def test_a_passt_nic_has_the_pods_addresses() -> None:
 
 
 def test_bandwidth_shaped_towards_the_guest_and_policed_from_it() -> None:
-    (qdisc, klass) = argv.tc_shape("tap0", 100, 64)
-    assert qdisc[:6] == ["tc", "qdisc", "replace", "dev", "tap0", "root"]
-    assert klass[klass.index("rate") + 1] == klass[klass.index("ceil") + 1] == "100mbit"
+    net = netplan.plan(load(bandwidth={"ingress_mbit": 100, "egress_mbit": 8}), ())
+    assert net.taps[0].ingress_mbit == 100 and net.taps[0].burst_kb == 64
+    assert net.egress == (netrules.Limit(tap="tap0", mbit=8, burst_kb=64),)
     doc = netrules.limits([netrules.Limit(tap="tap0", mbit=8, burst_kb=64)])
     chains = [c["add"]["chain"] for c in doc["nftables"] if "chain" in c.get("add", {})]
     assert chains[0]["hook"] == "ingress" and chains[0]["dev"] == "tap0"

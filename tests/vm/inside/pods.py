@@ -291,7 +291,7 @@ def plumbed_spec(tmp: Path) -> Path:
     return write_spec(
         tmp,
         vcpus=2,
-        nics=[{"mode": "tap", "ip": "10.0.2.15"}],
+        nics=[{"mode": "tap", "binding": "isolated", "ip": "10.0.2.15"}],
         shares=[{"source": str(share), "tag": "data"}],
         name="plumbed",
     )
