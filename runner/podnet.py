@@ -59,7 +59,8 @@ class Sysctls:
                     f"cannot set {key.replace('/', '.')}={value}: {e.strerror} (in a container "
                     "/proc/sys is read-only: the controller or a privileged pod must set it)"
                 ) from None
-        log.info("sysctls-set", **{k.replace("/", "."): v for k, v in wanted.items()})
+        if wanted:
+            log.info("sysctls-set", **{k.replace("/", "."): v for k, v in wanted.items()})
 
     def restore(self) -> None:
         while self.before:
@@ -110,6 +111,15 @@ def _kind(ip: Any, name: str) -> str | None:
     return (info.get_attr("IFLA_INFO_KIND") if info is not None else None) or ""
 
 
+def _taps(ip: Any) -> list[str]:
+    names = []
+    for link in ip.get_links():
+        info = link.get_attr("IFLA_LINKINFO")
+        if info is not None and info.get_attr("IFLA_INFO_KIND") == "tun":
+            names.append(link.get_attr("IFLA_IFNAME"))
+    return names
+
+
 def make_taps(plan: netplan.NetworkPlan, owner: int) -> None:
     """Each tap made persistent and owned by `owner`, with its addresses, MTU and shaping.
     A tap of that name left by an instance killed before it could stop is replaced; any other
@@ -117,6 +127,14 @@ def make_taps(plan: netplan.NetworkPlan, owner: int) -> None:
     from pyroute2 import IPRoute  # about a second to import: only where a plan is made
 
     with IPRoute() as ip:
+        # Persistent taps are kernel memory of whoever makes them: a pod asking again and again
+        # under new names must not pile them up in its namespace.
+        planned = {t.name for t in plan.taps}
+        others = [name for name in _taps(ip) if name not in planned]
+        if len(others) + len(planned) > netplan.MAX_TAPS:
+            raise plumbing.PlumbingError(
+                f"{len(others)} other taps in the namespace: at most {netplan.MAX_TAPS} in all"
+            )
         for tap in plan.taps:
             kind = _kind(ip, tap.name)
             if kind is not None and kind != "tun":
