@@ -216,6 +216,11 @@ def dnsmasq_argv(spec: InstanceSpec, index: int, binary: str = "dnsmasq") -> lis
     guest6 = spec.guest6(index)
     if guest6 is not None:
         options += ["--enable-ra", f"--dhcp-range={guest6},{guest6},slaac,64"]
+        if nic.dns6:  # also sent as RDNSS in the Router Advertisements
+            servers = ",".join(f"[{a}]" for a in nic.dns6)
+            options.append(f"--dhcp-option=option6:dns-server,{servers}")
+        if nic.search:
+            options.append(f"--dhcp-option=option6:domain-search,{','.join(nic.search)}")
     return [
         binary,
         "--keep-in-foreground",

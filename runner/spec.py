@@ -155,6 +155,7 @@ class Nic:
     ports: tuple[Port, ...] = ()  # masquerade: the ports forwarded to the guest; () = all
     # Default for a masquerade nic: the pod's (its /etc/resolv.conf, its uplink's MTU).
     dns: tuple[str, ...] = ()
+    dns6: tuple[str, ...] = ()  # with ipv6_prefix: by DHCPv6 and in Router Advertisements
     search: tuple[str, ...] = ()
     mtu: int | None = None  # None: the pod's uplink's for masquerade, else 1500
     bandwidth: Bandwidth | None = None
@@ -194,6 +195,15 @@ class Nic:
             raise ValueError(f"gateway {gw} must be another host address in {net}")
         for server in self.dns:
             _ipv4(server, "dns server")
+        for server in self.dns6:
+            try:
+                ipaddress.IPv6Address(server)
+            except ValueError:
+                raise ValueError(f"dns6 server {server!r} is not an IPv6 address") from None
+        if self.dns6 and self.ipv6_prefix is None:
+            raise ValueError("dns6 needs an ipv6_prefix: it is handed out by DHCPv6 and RA")
+        if len(self.dns) > 3 or len(self.dns6) > 3:
+            raise ValueError("at most 3 dns and 3 dns6 servers (as the C library reads them)")
         if self.mtu is not None and not 576 <= self.mtu <= 9000:
             raise ValueError(f"mtu {self.mtu} must be between 576 and 9000")
         for domain in self.search:

@@ -78,7 +78,11 @@ def _helper(name: str, path: str, needed_by: str, needed: bool) -> str:
 def pod_network(nics: tuple[spec.Nic, ...]) -> tuple[spec.Nic, ...]:
     """A masquerade nic takes what the spec leaves out from its pod: the MTU of the pod's
     uplink (the interface of its default route), the pod's DNS servers and search domains."""
-    if not any(n.binding == "masquerade" and (n.mtu is None or not n.dns) for n in nics):
+    if not any(
+        n.binding == "masquerade"
+        and (n.mtu is None or not n.dns or (not n.dns6 and n.ipv6_prefix is not None))
+        for n in nics
+    ):
         return nics
     try:
         resolver = netrules.parse_resolv_conf(procfs.read("/etc/resolv.conf"))
@@ -95,14 +99,22 @@ def pod_network(nics: tuple[spec.Nic, ...]) -> tuple[spec.Nic, ...]:
     for nic in nics:
         if nic.binding == "masquerade":
             dns = nic.dns or tuple(str(a) for a in resolver.nameservers if a.version == 4)
+            dns6 = nic.dns6
+            if not dns6 and nic.ipv6_prefix is not None:
+                dns6 = tuple(str(a) for a in resolver.nameservers if a.version == 6)
             nic = attrs.evolve(
                 nic,
                 mtu=nic.mtu if nic.mtu is not None else mtu,
                 dns=dns,
+                dns6=dns6,
                 search=nic.search or (resolver.search if not nic.dns else ()),
             )
             log.info(
-                "pod-network", mtu=nic.link_mtu, dns=",".join(dns), search=" ".join(nic.search)
+                "pod-network",
+                mtu=nic.link_mtu,
+                dns=",".join(dns),
+                dns6=",".join(dns6),
+                search=" ".join(nic.search),
             )
         out.append(nic)
     return tuple(out)

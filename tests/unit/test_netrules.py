@@ -227,3 +227,27 @@ def test_a_helper_binary_is_looked_for_only_when_needed() -> None:
     with pytest.raises(StartupError, match=line):
         _helper("passt", "/nonexistent/passt", "a passt nic", needed=True)
     assert _helper("sh", "sh", "a test", needed=True).endswith("/sh")
+
+
+def test_ipv6_dns_servers_go_by_dhcpv6_and_router_advertisements() -> None:
+    s = load(
+        binding="masquerade",
+        ipv6_prefix="fd10:0:2::/64",
+        dns6=["fd00:10:96::a"],
+        search=["svc.cluster.local"],
+    )
+    args = argv.dnsmasq_argv(s, 0)
+    assert "--dhcp-option=option6:dns-server,[fd00:10:96::a]" in args
+    assert "--dhcp-option=option6:domain-search,svc.cluster.local" in args
+    assert not [a for a in argv.dnsmasq_argv(load(), 0) if "option6" in a]
+    with pytest.raises(spec.SpecError, match="dns6 needs an ipv6_prefix"):
+        load(dns6=["fd00::a"])
+    with pytest.raises(spec.SpecError, match="not an IPv6 address"):
+        load(ipv6_prefix="fd10:0:2::/64", dns6=["10.0.0.1"])
+    with pytest.raises(spec.SpecError, match="at most 3"):
+        load(dns=["10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4"])
+
+
+def test_the_pods_resolver_keeps_both_families() -> None:
+    r = netrules.parse_resolv_conf("nameserver 10.96.0.10\nnameserver fd00:10:96::a\n")
+    assert [str(a) for a in r.nameservers] == ["10.96.0.10", "fd00:10:96::a"]
