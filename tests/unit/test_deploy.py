@@ -218,3 +218,16 @@ def test_example_vm_pod_is_guaranteed_and_sized_for_its_guest() -> None:
     mount = next(m for m in c["volumeMounts"] if m["mountPath"] == socket_dir)
     volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
     assert volume["hostPath"]["type"] == "Directory"
+
+
+def test_the_example_vm_is_reached_through_a_service_on_its_forwarded_port() -> None:
+    pod = resource("Pod", "example-vm")
+    svc = resource("Service", "example-vm-ssh")
+    labels = pod["metadata"]["labels"]
+    assert svc["spec"]["selector"].items() <= labels.items()
+    config = resource("ConfigMap", "example-vm-spec")
+    s = specs.load(config["data"]["spec.json"])
+    (nic,) = s.nics
+    assert nic.binding == "masquerade"
+    forwarded = {p.port for p in nic.ports}
+    assert {p["targetPort"] for p in svc["spec"]["ports"]} <= forwarded
