@@ -103,12 +103,15 @@ def attach_tap(name: str) -> int:
 
 
 def _kind(ip: Any, name: str) -> str | None:
-    """The link's kind ("tun" for a tap), "" for a plain device, None when there is none."""
+    """The link's kind ("tun" for a tap, "tun+" for one that someone holds open), "" for
+    another device, None when there is none."""
     links = ip.get_links(ifname=name) if ip.link_lookup(ifname=name) else []
     if not links:
         return None
     info = links[0].get_attr("IFLA_LINKINFO")
-    return (info.get_attr("IFLA_INFO_KIND") if info is not None else None) or ""
+    kind = (info.get_attr("IFLA_INFO_KIND") if info is not None else None) or ""
+    # A tap has carrier while a queue is attached: an fd open on it (QEMU's, a runner's).
+    return kind + "+" if kind == "tun" and links[0].get_attr("IFLA_CARRIER") else kind
 
 
 def _taps(ip: Any) -> list[str]:
@@ -120,10 +123,11 @@ def _taps(ip: Any) -> list[str]:
     return names
 
 
-def make_taps(plan: netplan.NetworkPlan, owner: int) -> None:
+def make_taps(plan: netplan.NetworkPlan, owner: int, made: list[str]) -> None:
     """Each tap made persistent and owned by `owner`, with its addresses, MTU and shaping.
     A tap of that name left by an instance killed before it could stop is replaced; any other
-    device of that name is refused."""
+    device of that name is refused, and so is a tap someone holds open. `made` gets each
+    tap's name once it exists: what a failure leaves to remove."""
     from pyroute2 import IPRoute  # about a second to import: only where a plan is made
 
     with IPRoute() as ip:
@@ -137,6 +141,8 @@ def make_taps(plan: netplan.NetworkPlan, owner: int) -> None:
             )
         for tap in plan.taps:
             kind = _kind(ip, tap.name)
+            if kind == "tun+":
+                raise plumbing.PlumbingError(f"tap {tap.name} exists and is in use")
             if kind is not None and kind != "tun":
                 raise plumbing.PlumbingError(f"network device {tap.name} exists and is no tap")
             if kind == "tun":
@@ -146,14 +152,10 @@ def make_taps(plan: netplan.NetworkPlan, owner: int) -> None:
             try:
                 fcntl.ioctl(fd, TUNSETOWNER, owner)
                 fcntl.ioctl(fd, TUNSETPERSIST, 1)
+                made.append(tap.name)
             finally:
                 os.close(fd)
-            try:
-                _set_up(ip, tap)
-            except Exception:
-                with contextlib.suppress(Exception):
-                    ip.link("del", ifname=tap.name)
-                raise
+            _set_up(ip, tap)
 
 
 def _set_up(ip: Any, tap: netplan.TapPlan) -> None:
@@ -193,7 +195,7 @@ def remove_taps(plan: netplan.NetworkPlan) -> None:
 
     with IPRoute() as ip:
         for tap in plan.taps:
-            if _kind(ip, tap.name) == "tun":
+            if _kind(ip, tap.name) in ("tun", "tun+"):
                 ip.link("del", ifname=tap.name)
 
 
@@ -225,15 +227,24 @@ def make(plan: netplan.NetworkPlan, owner: int, apply: Apply) -> dict[str, str]:
     """All of a plan in this thread's namespace; what the sysctls were, to put back later.
     Half-made, it is unmade before the error goes up."""
     sysctls = Sysctls()
+    made: list[str] = []
+    tables = False
     try:
-        make_taps(plan, owner)
+        make_taps(plan, owner, made)
         sysctls.write(plan.sysctls())
+        tables = True
         if plan.masquerade is not None:
             apply(netrules.ruleset(plan.masquerade))
         if plan.egress:
             apply(netrules.limits(plan.egress))
     except BaseException:
-        unmake(plan, sysctls.before, apply)
+        # What this call made, and nothing else: a tap of the name may be another's.
+        partial = netplan.NetworkPlan(
+            taps=tuple(t for t in plan.taps if t.name in made),
+            masquerade=plan.masquerade if tables else None,
+            egress=plan.egress if tables else (),
+        )
+        unmake(partial, sysctls.before, apply)
         raise
     return sysctls.before
 

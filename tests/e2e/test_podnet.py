@@ -123,6 +123,15 @@ def test_a_killed_runners_tap_is_replaced_and_no_other_device_taken(ns: tuple[st
     old = links(name)["tap0"]["ifindex"]
     podnet.in_netns(fd, lambda: podnet.make(plan("tap0"), 0, apply))
     assert links(name)["tap0"]["ifindex"] != old
+    # One that an instance holds open is never taken (two runners in one namespace).
+    held = podnet.in_netns(fd, lambda: podnet.attach_tap("tap0"))
+    try:
+        with pytest.raises(plumbing.PlumbingError, match="in use"):
+            podnet.in_netns(fd, lambda: podnet.make(plan("tap1", "tap0"), 0, apply))
+        # The refusal took back its own tap alone.
+        assert "tap0" in links(name) and "tap1" not in links(name)
+    finally:
+        os.close(held)
     sh(name, "ip", "link", "add", "eth0", "type", "veth", "peer", "name", "eth1")
     with pytest.raises(plumbing.PlumbingError, match="exists and is no tap"):
         podnet.in_netns(fd, lambda: podnet.make(plan("eth0"), 0, apply))
