@@ -23,6 +23,7 @@ class Wiring:
     nic_fds: tuple[int, ...] = ()  # per nic in spec order: its tap, or its stream to passt
     streams: frozenset[int] = frozenset()  # the nics (indexes) whose fd is a stream
     share_sockets: tuple[str, ...] = ()  # one vhost-user socket per share, in spec order
+    seed: str | None = None  # cloud-init's NoCloud ISO
 
 
 def _opt(value: str) -> str:
@@ -93,6 +94,13 @@ def qemu_argv(
             f"readonly={'on' if disk.read_only else 'off'}",
             "-device",
             f"virtio-blk-pci,drive=disk{i}" + (",bootindex=0" if boot_disk == i else ""),
+        ]
+    if wiring.seed is not None:
+        argv += [
+            "-drive",
+            f"if=none,id=seed,file={_opt(wiring.seed)},format=raw,readonly=on",
+            "-device",
+            "virtio-blk-pci,drive=seed",
         ]
     for i, nic in enumerate(spec.nics):
         fd = wiring.nic_fds[i]

@@ -276,6 +276,36 @@ class Device:
     address: str = attrs.field(converter=_pci_address)
 
 
+_KEY = re.compile(r"^(ssh|ecdsa|sk)-[A-Za-z0-9@.+-]+ [A-Za-z0-9+/=]+( [^\n\r]*)?$")
+_INSTANCE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+@attrs.frozen(kw_only=True)
+class CloudInit:
+    """cloud-init's NoCloud seed (runner.cloudinit), attached read-only. The files come from a
+    Secret or ConfigMap volume and are used as they are; without `meta_data` the runner writes
+    it (`instance_id`, the host name, `ssh_authorized_keys`), without `network_config` it
+    describes the NICs as the runner configured them."""
+
+    user_data: str | None = attrs.field(default=None, validator=_absolute)
+    meta_data: str | None = attrs.field(default=None, validator=_absolute)
+    network_config: str | None = attrs.field(default=None, validator=_absolute)
+    ssh_authorized_keys: tuple[str, ...] = ()
+    # Stays the same across restarts (derived from the name); a new one re-provisions.
+    instance_id: str | None = None
+
+    def __attrs_post_init__(self) -> None:
+        if len(self.ssh_authorized_keys) > 100:
+            raise ValueError("at most 100 ssh_authorized_keys")
+        for key in self.ssh_authorized_keys:
+            if len(key) > 16384 or not _KEY.match(key):
+                raise ValueError(f"ssh key {key[:40]!r}… is not one line of an OpenSSH public key")
+        if self.instance_id is not None and not _INSTANCE_ID.match(self.instance_id):
+            raise ValueError("instance_id must be 1-128 letters, digits, . _ : -")
+        if self.meta_data is not None and (self.instance_id or self.ssh_authorized_keys):
+            raise ValueError("instance_id and ssh_authorized_keys go into meta_data: give one")
+
+
 @attrs.frozen(kw_only=True)
 class Console:
     stdout: bool = True  # serial lines on the runner's stdout, prefixed
@@ -332,6 +362,7 @@ class InstanceSpec:
     # node gets: prefer runs it with a warning, strict refuses it.
     numa: NumaPolicy = "prefer"
     realtime: Realtime | None = None
+    cloud_init: CloudInit | None = None
 
     def __attrs_post_init__(self) -> None:
         if self.realtime is not None and max(self.realtime.indexes) >= self.vcpus:

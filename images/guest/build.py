@@ -26,6 +26,8 @@ WANTED_MODULES = [
     "virtio_net",
     "af_packet",  # udhcpc's raw socket
     "virtiofs",
+    "virtio_blk",  # disks, and the cloud-init seed ...
+    "isofs",  # ... an ISO 9660 volume (guest.seed=1)
     "button",  # turns the ACPI power button into an input device ...
     "evdev",  # ... and this gives it the /dev/input/event* node init waits on
 ]

@@ -13,7 +13,7 @@ from typing import Literal
 
 import attrs
 
-from runner import cpus, kube, mounts, netrules, placement, plan, spec, topology
+from runner import cloudinit, cpus, kube, mounts, netrules, placement, plan, spec, topology
 from runner.log import log
 from runner.node import procfs
 from runner.node.cgroupfs import CgroupError, CgroupFS
@@ -58,6 +58,7 @@ class Prepared:
     passt: str  # "" when no nic has the passt binding
     shares: ShareServer
     isolation: Isolation | None  # None: --isolation off
+    seed: bytes | None = None  # cloud-init's NoCloud ISO, when the spec has cloud_init
 
     @property
     def iso(self) -> Isolation:
@@ -120,6 +121,38 @@ def pod_network(nics: tuple[spec.Nic, ...]) -> tuple[spec.Nic, ...]:
     return tuple(out)
 
 
+SEED_FILE_MAX = 1 << 20  # bytes of one cloud-init file (cloud-init's own limits are lower)
+
+
+def _seed_input(path: str | None, what: str) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        with open(path, "rb") as f:
+            data = f.read(SEED_FILE_MAX + 1)
+    except OSError as e:
+        raise StartupError(f"cannot read cloud_init {what} {path}: {e.strerror}") from None
+    if len(data) > SEED_FILE_MAX:
+        raise StartupError(f"cloud_init {what} {path} is over {SEED_FILE_MAX >> 20} MiB")
+    return data
+
+
+def cloud_init_seed(the_spec: spec.InstanceSpec) -> bytes | None:
+    """The NoCloud ISO, built before anything runs: a missing file is refused here."""
+    ci = the_spec.cloud_init
+    if ci is None:
+        return None
+    files = cloudinit.seed_files(
+        the_spec,
+        _seed_input(ci.user_data, "user_data"),
+        _seed_input(ci.network_config, "network_config"),
+    )
+    if (meta := _seed_input(ci.meta_data, "meta_data")) is not None:
+        files["meta-data"] = meta
+    log.info("cloud-init-seed", instance_id=cloudinit.instance_id(the_spec), files=len(files))
+    return cloudinit.iso(files)
+
+
 def preflight(o: Options) -> Prepared:
     if os.geteuid() != 0:
         raise StartupError(
@@ -168,6 +201,7 @@ def preflight(o: Options) -> Prepared:
                 f"--run-dir {run_dir} is too long for the virtiofs sockets "
                 "in it (Unix socket paths are at most 107 bytes)"
             )
+    seed = cloud_init_seed(the_spec)
     pre = Prepared(
         spec=the_spec,
         accel=accel,
@@ -178,6 +212,7 @@ def preflight(o: Options) -> Prepared:
         passt=passt,
         shares=shares,
         isolation=isolation,
+        seed=seed,
     )
     if isolation is None:
         log.warning(

@@ -264,7 +264,9 @@ async def plumb(s: Startup) -> None:
     s.qmp_ours = qmp_ours
     qmp_fd = qmp_theirs.detach()
     s.tap_fds.append(qmp_fd)
+    seed = s.pre.run_dir / SEED
     s.wiring = Wiring(
+        seed=str(seed) if s.pre.seed is not None else None,
         qmp_fd=qmp_fd,
         console_fd=console_fd,
         nic_fds=tuple(nic_fds),
@@ -303,6 +305,27 @@ def close_fds(s: Startup) -> None:
     while s.tap_fds:
         with contextlib.suppress(OSError):
             os.close(s.tap_fds.pop())
+
+
+# --- seed: cloud-init's NoCloud ISO -------------------------------------------------------------
+
+SEED = "seed.iso"
+
+
+async def write_seed(s: Startup) -> None:
+    assert s.pre.seed is not None
+    path = s.pre.run_dir / SEED
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o444)
+        with os.fdopen(fd, "wb") as f:
+            f.write(s.pre.seed)
+    except OSError as e:
+        raise StartupError(f"cannot write the cloud-init seed {path}: {e.strerror}") from None
+    log.info("seed-ready", path=str(path), bytes=len(s.pre.seed))
+
+
+async def remove_seed(s: Startup) -> None:
+    (s.pre.run_dir / SEED).unlink(missing_ok=True)
 
 
 # --- network: taps, forwarding, NAT and limits in the pod's namespace ---------------------------
@@ -490,6 +513,7 @@ STEPS: tuple[Step, ...] = (
     Step("anchor", start_anchor, stop_anchor, wanted=isolated),
     Step("cgroups", obtain_cgroups, release_cgroups, wanted=isolated),
     Step("float", move_to_float, move_back, wanted=isolated),
+    Step("seed", write_seed, remove_seed, wanted=lambda s: s.pre.seed is not None),
     Step(
         "network",
         make_network,

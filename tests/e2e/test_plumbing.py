@@ -41,15 +41,28 @@ def test_lease_share_console_and_clean_power_off(
     with open(disk, "wb") as f:
         f.truncate(4 << 20)
     console_log = netns.tmp / "console.log"
+    user_data = netns.tmp / "user-data"
+    user_data.write_text("#cloud-config\nhostname: e2e\n")
+    key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl u@h"
     netns.start(
         netns.spec(
-            "guest.write=ip.txt",
+            "guest.write=ip.txt guest.seed=1",
             disks=[{"path": str(disk), "read_only": True}],
             console={"stdout": True, "log_file": str(console_log)},
+            cloud_init={
+                "user_data": str(user_data),
+                "ssh_authorized_keys": [key],
+                "instance_id": "i-0001",
+            },
         ),
         prefix=prefix,
     )
     ready = netns.wait_console("GUEST-READY")
+    # cloud-init's seed, as the guest finds it among its disks (and as blkid labels it).
+    assert "GUEST-SEED instance-id=i-0001 keys=1 user-data=#cloud-config" in netns.console()
+    seed = netns.tmp / "run" / "seed.iso"
+    probe = subprocess.run(["blkid", "-o", "export", str(seed)], capture_output=True, text=True)
+    assert "LABEL=cidata" in probe.stdout and "TYPE=iso9660" in probe.stdout, probe
     if prefix:  # ip netns exec and setpriv exec: the runner is the process we started
         assert netns.proc is not None
         status = Path(f"/proc/{netns.proc.pid}/status").read_text()
@@ -76,6 +89,7 @@ def test_lease_share_console_and_clean_power_off(
     assert shutdown and shutdown[0]["data"]["guest"] is True
     assert any(e["event"] == "isolation-off" and e["level"] == "warning" for e in events)
     netns.assert_nothing_left()
+    assert not seed.exists()
 
 
 def plumbing_works(ns: Netns, prefix: tuple[str, ...]) -> bool:

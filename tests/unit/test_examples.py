@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from runner import kube, netplan, netrules, placement, plan, spec, topology
+from runner import cloudinit, kube, netplan, netrules, placement, plan, spec, topology
 from runner.argv import Wiring, dnsmasq_argv, passt_argv, qemu_argv, virtiofsd_argv
 from runner.netrules import Port
 
@@ -39,6 +39,7 @@ def command_lines(s: spec.InstanceSpec) -> str:
         nic_fds=tuple(10 + i for i in range(len(s.nics))),
         streams=frozenset(i for i, n in enumerate(s.nics) if n.binding == "passt"),
         share_sockets=tuple(f"/run/instance-runner/fs{i}.sock" for i in range(len(s.shares))),
+        seed="/run/instance-runner/seed.iso" if s.cloud_init is not None else None,
     )
     accel = "kvm" if s.accel == "kvm" else "tcg"
     blocks = [
@@ -50,6 +51,10 @@ def command_lines(s: spec.InstanceSpec) -> str:
             blocks.append((f"dnsmasq {i}", dnsmasq_argv(s, i)))
         if nic.binding == "passt":
             blocks.append((f"passt {i}", passt_argv(s, i, 20 + i, "passt", [Port(port=9464)])))
+    if s.cloud_init is not None:
+        files = cloudinit.seed_files(s, b"#cloud-config\n", None)
+        for name, data in files.items():
+            blocks.append((f"seed {name}", data.decode().splitlines()))
     net = netplan.plan(s, (Port(port=9464),))
     if not net.empty:
         doc = spec.converter.unstructure(net)
