@@ -102,16 +102,21 @@ def attach_tap(name: str) -> int:
     return _tun(name)
 
 
-def _kind(ip: Any, name: str) -> str | None:
-    """The link's kind ("tun" for a tap, "tun+" for one that someone holds open), "" for
-    another device, None when there is none."""
+def _kind(ip: Any, name: str, owner: int | None = None) -> str | None:
+    """The link's kind: "tun" for a tap nobody holds open (and, when `owner` is given, owned
+    by `owner`: one a runner made), "tun+" for another tap, "" for another device, None when
+    there is none."""
     links = ip.get_links(ifname=name) if ip.link_lookup(ifname=name) else []
     if not links:
         return None
     info = links[0].get_attr("IFLA_LINKINFO")
     kind = (info.get_attr("IFLA_INFO_KIND") if info is not None else None) or ""
+    if kind != "tun":
+        return kind
+    data = info.get_attr("IFLA_INFO_DATA")
+    theirs = owner is not None and (data is None or data.get_attr("IFLA_TUN_OWNER") != owner)
     # A tap has carrier while a queue is attached: an fd open on it (QEMU's, a runner's).
-    return kind + "+" if kind == "tun" and links[0].get_attr("IFLA_CARRIER") else kind
+    return "tun+" if theirs or links[0].get_attr("IFLA_CARRIER") else "tun"
 
 
 def _taps(ip: Any) -> list[str]:
@@ -126,8 +131,8 @@ def _taps(ip: Any) -> list[str]:
 def make_taps(plan: netplan.NetworkPlan, owner: int, made: list[str]) -> None:
     """Each tap made persistent and owned by `owner`, with its addresses, MTU and shaping.
     A tap of that name left by an instance killed before it could stop is replaced; any other
-    device of that name is refused, and so is a tap someone holds open. `made` gets each
-    tap's name once it exists: what a failure leaves to remove."""
+    device of that name is refused, and so is a tap someone holds open or another user owns.
+    `made` gets each tap's name once it exists: what a failure leaves to remove."""
     from pyroute2 import IPRoute  # about a second to import: only where a plan is made
 
     with IPRoute() as ip:
@@ -140,9 +145,9 @@ def make_taps(plan: netplan.NetworkPlan, owner: int, made: list[str]) -> None:
                 f"{len(others)} other taps in the namespace: at most {netplan.MAX_TAPS} in all"
             )
         for tap in plan.taps:
-            kind = _kind(ip, tap.name)
+            kind = _kind(ip, tap.name, owner)
             if kind == "tun+":
-                raise plumbing.PlumbingError(f"tap {tap.name} exists and is in use")
+                raise plumbing.PlumbingError(f"tap {tap.name} exists and is in use or another's")
             if kind is not None and kind != "tun":
                 raise plumbing.PlumbingError(f"network device {tap.name} exists and is no tap")
             if kind == "tun":

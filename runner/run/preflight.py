@@ -349,6 +349,18 @@ def check_socket_mount(socket_path: str) -> None:
         )
 
 
+def _ours_or_absent(name: str) -> bool:
+    """No device of the name, or a persistent tap of ours that a killed runner of this pod
+    left (the network step replaces it, and refuses it while someone holds it open)."""
+    dev = Path(f"/sys/class/net/{name}")
+    if not dev.exists():
+        return True
+    try:
+        return procfs.read(dev / "owner").strip() == str(os.geteuid())
+    except OSError:
+        return False  # no owner file: not a tap
+
+
 def check_guest_resources(the_spec: spec.InstanceSpec, inherited: frozenset[int]) -> None:
     """Files and fds the spec names must be there before anything starts. An fd must be one
     the runner inherited (numbers above 2 may be trio's own by now)."""
@@ -372,7 +384,7 @@ def check_guest_resources(the_spec: spec.InstanceSpec, inherited: frozenset[int]
             or not stat.S_ISCHR(os.fstat(nic.fd).st_mode)
         ):
             raise StartupError(f"nic {i}: fd {nic.fd} is not a tap handed to the runner")
-        if nic.makes_tap and Path(f"/sys/class/net/{the_spec.tap_name(i)}").exists():
+        if nic.makes_tap and not _ours_or_absent(the_spec.tap_name(i)):
             raise StartupError(f"nic {i}: network device {the_spec.tap_name(i)} already exists")
     for share in the_spec.shares:
         if not Path(share.source).is_dir():

@@ -126,16 +126,20 @@ def test_a_killed_runners_tap_is_replaced_and_no_other_device_taken(ns: tuple[st
     # One that an instance holds open is never taken (two runners in one namespace).
     held = podnet.in_netns(fd, lambda: podnet.attach_tap("tap0"))
     try:
-        with pytest.raises(plumbing.PlumbingError, match="in use"):
+        with pytest.raises(plumbing.PlumbingError, match="in use or another"):
             podnet.in_netns(fd, lambda: podnet.make(plan("tap1", "tap0"), 0, apply))
         # The refusal took back its own tap alone.
         assert "tap0" in links(name) and "tap1" not in links(name)
     finally:
         os.close(held)
+    # A tap another user owns is not taken either.
+    podnet.in_netns(fd, lambda: podnet.make(plan("tap2"), 1000, apply))
+    with pytest.raises(plumbing.PlumbingError, match="another's"):
+        podnet.in_netns(fd, lambda: podnet.make(plan("tap2"), 0, apply))
     sh(name, "ip", "link", "add", "eth0", "type", "veth", "peer", "name", "eth1")
     with pytest.raises(plumbing.PlumbingError, match="exists and is no tap"):
         podnet.in_netns(fd, lambda: podnet.make(plan("eth0"), 0, apply))
-    podnet.in_netns(fd, lambda: podnet.unmake(plan("tap0", "eth0"), {}, apply))
+    podnet.in_netns(fd, lambda: podnet.unmake(plan("tap0", "tap2", "eth0"), {}, apply))
     assert set(links(name)) == {"lo", "eth0", "eth1"}  # never another device of the name
 
 
