@@ -82,16 +82,25 @@ def qemu_argv(
         ]
     boot_disk = spec.boot.disk if spec.boot is not None else None
     for i, disk in enumerate(spec.disks):
+        path = disk.path or disk.image or f"/dev/fdset/{i + 1}"
         if disk.fd is not None:
             argv += ["-add-fd", f"fd={disk.fd},set={i + 1}"]
-            path = f"/dev/fdset/{i + 1}"
-        else:
-            assert disk.path is not None
-            path = disk.path
+        cache = disk.cache or "writeback"
+        drive = (
+            f"if=none,id=disk{i},file={_opt(path)},format={disk.format},cache={cache},"
+            f"readonly={'on' if disk.read_only else 'off'}"
+        )
+        if cache == "none":
+            drive += ",aio=native"  # O_DIRECT: native AIO does not block QEMU's threads
+        if disk.image is not None and not disk.read_only:
+            drive += ",snapshot=on"  # the overlay: in QEMU's TMPDIR, unlinked once open
+        limits, group = (disk.io, f"disk{i}") if disk.io is not None else (spec.io, "instance")
+        if limits is not None:
+            drive += "".join(f",throttling.{k}={v}" for k, v in limits.throttling())
+            drive += f",throttling.group={group}"
         argv += [
             "-drive",
-            f"if=none,id=disk{i},file={_opt(path)},format={disk.format},cache={disk.cache},"
-            f"readonly={'on' if disk.read_only else 'off'}",
+            drive,
             "-device",
             f"virtio-blk-pci,drive=disk{i}" + (",bootindex=0" if boot_disk == i else ""),
         ]

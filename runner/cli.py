@@ -156,6 +156,15 @@ def cli() -> None:
     help="Where the readiness file 'ready' and the virtiofs sockets go, locked by this "
     f"runner [default: {RUN_DIR_BASE}/<pod uid>, or <name> with isolation off].",
 )
+@option(
+    "--scratch-dir",
+    env="SCRATCH_DIR",
+    default="/var/tmp",
+    show_default=True,
+    metavar="DIR",
+    help="Where the overlay of a disk with an 'image' lives while QEMU runs (unlinked as soon "
+    "as QEMU opens it): mount an emptyDir here, on the node's disk rather than in RAM.",
+)
 @seconds(
     "shutdown-timeout",
     20.0,

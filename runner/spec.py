@@ -90,21 +90,80 @@ class Boot:
             raise ValueError("boot: initrd and cmdline need a kernel")
 
 
+_IO_MAX = 1 << 40
+
+
+@attrs.frozen(kw_only=True)
+class IoLimits:
+    """Disk IO limits as QEMU's throttling: operations and bytes per second, in total or per
+    direction (not both for one kind), with an optional burst ceiling for the totals."""
+
+    iops: int | None = None
+    read_iops: int | None = None
+    write_iops: int | None = None
+    bps: int | None = None
+    read_bps: int | None = None
+    write_bps: int | None = None
+    iops_burst: int | None = None  # iops allowed in a burst (iops-total-max)
+    bps_burst: int | None = None
+
+    def __attrs_post_init__(self) -> None:
+        given = {k: v for k, v in attrs.asdict(self).items() if v is not None}
+        if not given:
+            raise ValueError("io needs at least one limit")
+        for key, value in given.items():
+            if not 1 <= value <= _IO_MAX:
+                raise ValueError(f"io {key} {value} must be between 1 and {_IO_MAX}")
+        for kind in ("iops", "bps"):
+            if kind in given and ({f"read_{kind}", f"write_{kind}"} & given.keys()):
+                raise ValueError(f"io {kind} is a total: give it or read_/write_{kind}, not both")
+            burst = given.get(f"{kind}_burst")
+            if burst is not None and (kind not in given or burst < given[kind]):
+                raise ValueError(f"io {kind}_burst needs {kind}, and at least as much")
+
+    def throttling(self) -> list[tuple[str, int]]:
+        """QEMU's `throttling.*` drive options."""
+        names = {
+            "iops": "iops-total",
+            "read_iops": "iops-read",
+            "write_iops": "iops-write",
+            "bps": "bps-total",
+            "read_bps": "bps-read",
+            "write_bps": "bps-write",
+            "iops_burst": "iops-total-max",
+            "bps_burst": "bps-total-max",
+        }
+        return [(names[k], v) for k, v in attrs.asdict(self).items() if v is not None]
+
+
 @attrs.frozen(kw_only=True)
 class Disk:
-    """A file or block device by path, or an inherited file descriptor (a host agent's)."""
+    """A file or block device by path (`size_gib`: a raw file made sparse at that size when
+    missing, as a filesystem volume's `disk.img`), an inherited file descriptor (a host
+    agent's), or a read-only base `image` (an image volume's qcow2 or raw) that the guest
+    writes through an overlay of its own, made per start in the scratch directory and gone
+    when QEMU exits."""
 
     path: str | None = attrs.field(default=None, validator=_absolute)
     fd: int | None = None
+    image: str | None = attrs.field(default=None, validator=_absolute)
+    size_gib: int | None = None
     format: DiskFormat = "raw"
     read_only: bool = False
-    cache: DiskCache = "writeback"  # QEMU's default; "none" (O_DIRECT) for block devices
+    # None: "none" (O_DIRECT, native AIO) for a block device, else "writeback" (QEMU's)
+    cache: DiskCache | None = None
+    io: IoLimits | None = None  # this disk's own limits, instead of the instance's group
 
     def __attrs_post_init__(self) -> None:
-        if (self.path is None) == (self.fd is None):
-            raise ValueError("a disk takes exactly one of path and fd")
+        if sum(x is not None for x in (self.path, self.fd, self.image)) != 1:
+            raise ValueError("a disk takes exactly one of path, fd and image")
         if self.fd is not None and self.fd < 3:
             raise ValueError(f"disk fd {self.fd} is stdin/stdout/stderr")
+        if self.size_gib is not None:
+            if self.path is None or self.format != "raw":
+                raise ValueError("size_gib makes a raw file at path: not for fd, image or qcow2")
+            if not 1 <= self.size_gib <= 65536:
+                raise ValueError(f"size_gib {self.size_gib} must be between 1 and 65536")
 
 
 @attrs.frozen(kw_only=True)
@@ -363,6 +422,7 @@ class InstanceSpec:
     numa: NumaPolicy = "prefer"
     realtime: Realtime | None = None
     cloud_init: CloudInit | None = None
+    io: IoLimits | None = None  # one throttle group over the disks without their own
 
     def __attrs_post_init__(self) -> None:
         if self.realtime is not None and max(self.realtime.indexes) >= self.vcpus:
@@ -483,7 +543,10 @@ def _format(exc: BaseException, type_: object) -> str:
     if isinstance(exc, KeyError):
         return "required field missing"
     if "not in literal" in str(exc):  # cattrs raises a bare Exception for Literal
-        allowed = ", ".join(str(a) for a in getattr(type_, "__args__", ()))
+        args = getattr(type_, "__args__", ())
+        if args and get_origin(args[0]) is Literal:  # an optional one: Literal[...] | None
+            args = args[0].__args__
+        allowed = ", ".join(str(a) for a in args)
         return f"must be one of {allowed}, not {exc.args[0].split(' not in ')[0]!r}"
     if isinstance(exc, ForbiddenExtraKeysError):
         return f"unknown field(s) {', '.join(sorted(exc.extra_fields))}"

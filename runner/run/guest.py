@@ -76,15 +76,17 @@ class Guest:
         argv = qemu_argv(self.pre.spec, self.pre.accel, wiring, iso.plan.layout if iso else None)
         if resume_early:
             argv = [a for a in argv if a != "-S"]
+        # An image disk's overlay goes where QEMU makes temporary files.
+        env = {**os.environ, "TMPDIR": self.pre.scratch_dir}
         err_r, err_w = os.pipe()
         self.started_at = time.monotonic()
         self.exec_to_start = since_exec()
         try:
             if join is None:
-                self.qemu = reaper.spawn("qemu", argv, pass_fds=inherit, stderr=err_w)
+                self.qemu = reaper.spawn("qemu", argv, pass_fds=inherit, stderr=err_w, env=env)
             else:
                 self.qemu = await services.spawn_joined(
-                    reaper, "qemu", argv, join, pass_fds=inherit, stderr=err_w
+                    reaper, "qemu", argv, join, pass_fds=inherit, stderr=err_w, env=env
                 )
         except (OSError, CgroupError) as e:
             os.close(err_r)

@@ -22,6 +22,8 @@ class Options:
     # None: a directory of its own below RUN_DIR_BASE, named for the pod (or the instance),
     # so that pods sharing /run/instance-runner with the node never share files.
     run_dir: str | None = None
+    # Where an image disk's overlay lives while QEMU runs (its TMPDIR): an emptyDir, on disk.
+    scratch_dir: str = "/var/tmp"
     shutdown_timeout: float = 20.0
     qmp_timeout: float = 30.0
     allow_spare_cpus: bool = False

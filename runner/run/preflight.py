@@ -59,6 +59,7 @@ class Prepared:
     shares: ShareServer
     isolation: Isolation | None  # None: --isolation off
     seed: bytes | None = None  # cloud-init's NoCloud ISO, when the spec has cloud_init
+    scratch_dir: str = "/var/tmp"  # QEMU's TMPDIR: image disks' overlays
 
     @property
     def iso(self) -> Isolation:
@@ -166,6 +167,7 @@ def preflight(o: Options) -> Prepared:
     except spec.SpecError as e:
         raise StartupError(str(e)) from None
     check_guest_resources(the_spec, o.inherited_fds)
+    the_spec = attrs.evolve(the_spec, disks=disks_as_found(the_spec.disks, o.scratch_dir))
     qemu_path = shutil.which(the_spec.qemu_binary)
     if qemu_path is None:
         raise StartupError(f"QEMU binary {the_spec.qemu_binary!r} not found")
@@ -213,6 +215,7 @@ def preflight(o: Options) -> Prepared:
         shares=shares,
         isolation=isolation,
         seed=seed,
+        scratch_dir=o.scratch_dir,
     )
     if isolation is None:
         log.warning(
@@ -349,6 +352,40 @@ def check_socket_mount(socket_path: str) -> None:
         )
 
 
+def disks_as_found(disks: tuple[spec.Disk, ...], scratch: str) -> tuple[spec.Disk, ...]:
+    """Each disk's cache as its kind wants it (O_DIRECT for a block device); a missing
+    `size_gib` disk checked against its volume (made in the `disks` step); the scratch
+    directory checked when an image disk needs it."""
+    out = []
+    for i, disk in enumerate(disks):
+        path = disk.path or disk.image
+        if disk.cache is None and path is not None:
+            try:
+                block = stat.S_ISBLK(os.stat(path).st_mode)
+            except OSError:
+                block = False
+            disk = attrs.evolve(disk, cache="none" if block else "writeback")
+        if disk.size_gib is not None and disk.path is not None and not Path(disk.path).exists():
+            parent = Path(disk.path).parent
+            try:
+                vfs = os.statvfs(parent)
+            except OSError as e:
+                raise StartupError(f"disk {i}: cannot make {disk.path}: {e.strerror}") from None
+            if vfs.f_blocks * vfs.f_frsize < disk.size_gib << 30:
+                have = vfs.f_blocks * vfs.f_frsize / (1 << 30)
+                raise StartupError(
+                    f"disk {i}: the volume at {parent} holds {have:.1f} GiB, "
+                    f"less than size_gib {disk.size_gib}"
+                )
+        if disk.image is not None and not disk.read_only and not os.access(scratch, os.W_OK):
+            raise StartupError(
+                f"disk {i}: the overlay of image {disk.image} needs a writable "
+                f"--scratch-dir, and {scratch} is not"
+            )
+        out.append(disk)
+    return tuple(out)
+
+
 def _ours_or_absent(name: str) -> bool:
     """No device of the name, or a persistent tap of ours that a killed runner of this pod
     left (the network step replaces it, and refuses it while someone holds it open)."""
@@ -365,8 +402,10 @@ def check_guest_resources(the_spec: spec.InstanceSpec, inherited: frozenset[int]
     """Files and fds the spec names must be there before anything starts. An fd must be one
     the runner inherited (numbers above 2 may be trio's own by now)."""
     for i, disk in enumerate(the_spec.disks):
-        if disk.path is not None and not Path(disk.path).exists():
+        if disk.path is not None and disk.size_gib is None and not Path(disk.path).exists():
             raise StartupError(f"disk {i}: {disk.path} does not exist")
+        if disk.image is not None and not Path(disk.image).exists():
+            raise StartupError(f"disk {i}: image {disk.image} does not exist")
         if disk.fd is not None:
             if disk.fd not in inherited or not _fd_open(disk.fd):
                 raise StartupError(f"disk {i}: fd {disk.fd} was not handed to the runner")

@@ -307,6 +307,25 @@ def close_fds(s: Startup) -> None:
             os.close(s.tap_fds.pop())
 
 
+# --- disks: a volume's disk.img made when it is missing ------------------------------------------
+
+
+async def make_disks(s: Startup) -> None:
+    """Sparse, at the size asked: it stays, as the volume's disk (nothing to undo)."""
+    for i, disk in enumerate(s.pre.spec.disks):
+        if disk.size_gib is None or disk.path is None or os.path.exists(disk.path):
+            continue
+        try:
+            fd = os.open(disk.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            try:
+                os.ftruncate(fd, disk.size_gib << 30)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            raise StartupError(f"disk {i}: cannot make {disk.path}: {e.strerror}") from None
+        log.info("disk-made", disk=i, path=disk.path, size_gib=disk.size_gib)
+
+
 # --- seed: cloud-init's NoCloud ISO -------------------------------------------------------------
 
 SEED = "seed.iso"
@@ -513,6 +532,12 @@ STEPS: tuple[Step, ...] = (
     Step("anchor", start_anchor, stop_anchor, wanted=isolated),
     Step("cgroups", obtain_cgroups, release_cgroups, wanted=isolated),
     Step("float", move_to_float, move_back, wanted=isolated),
+    Step(
+        "disks",
+        make_disks,
+        nothing,
+        wanted=lambda s: any(d.size_gib is not None for d in s.pre.spec.disks),
+    ),
     Step("seed", write_seed, remove_seed, wanted=lambda s: s.pre.seed is not None),
     Step(
         "network",

@@ -99,7 +99,7 @@ NIC = {"mode": "tap", "ip": "10.0.2.15"}
         ({"nics": [{"mode": "tap-fd", "ip": "10.0.2.15"}]}, "takes an inherited fd"),
         ({"nics": [{**NIC, "mode": "bridge"}]}, "must be one of tap, tap-fd"),
         ({"nics": [NIC, {**NIC, "tap": "tap0"}]}, "tap names must be unique"),
-        ({"disks": [{}]}, "exactly one of path and fd"),
+        ({"disks": [{}]}, "exactly one of path, fd and image"),
         ({"disks": [{"fd": 2}]}, "is stdin/stdout/stderr"),
         ({"disks": [{"path": "disk.img"}]}, "path must be an absolute path"),
         ({"disks": [{"path": "/d", "cache": "fast"}]}, "must be one of none, writeback"),
