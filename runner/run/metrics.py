@@ -47,6 +47,46 @@ class VcpuSample:
 
 
 @attrs.frozen
+class DiskSample:
+    """One disk's counters as QEMU keeps them (query-blockstats)."""
+
+    disk: str
+    read_ops: int = 0
+    write_ops: int = 0
+    read_bytes: int = 0
+    write_bytes: int = 0
+    read_ns: int = 0  # time the guest's reads took, throttling included
+    write_ns: int = 0
+
+
+def parse_blockstats(answer: object) -> tuple[DiskSample, ...]:
+    """query-blockstats' answer (QEMU's, so shaped as QEMU documents it; anything else is
+    skipped): the runner's disks and the seed, by their drive ids."""
+    out = []
+    for entry in answer if isinstance(answer, list) else ():
+        if not isinstance(entry, dict) or not isinstance(entry.get("stats"), dict):
+            continue
+        st, disk = entry["stats"], entry.get("device") or entry.get("qdev") or ""
+
+        def n(key: str, st: dict[str, object] = st) -> int:
+            value = st.get(key, 0)
+            return value if isinstance(value, int) else 0
+
+        out.append(
+            DiskSample(
+                disk=str(disk),
+                read_ops=n("rd_operations"),
+                write_ops=n("wr_operations"),
+                read_bytes=n("rd_bytes"),
+                write_bytes=n("wr_bytes"),
+                read_ns=n("rd_total_time_ns"),
+                write_ns=n("wr_total_time_ns"),
+            )
+        )
+    return tuple(out)
+
+
+@attrs.frozen
 class Sample:
     name: str
     pod_uid: str
@@ -62,6 +102,7 @@ class Sample:
     restarts: Mapping[str, int] = attrs.Factory(dict)  # child -> restarts
     step_seconds: Mapping[str, float] = attrs.Factory(dict)
     running_after: float | None = None
+    disks: tuple[DiskSample, ...] = ()
 
 
 def instance_view(
@@ -100,6 +141,25 @@ def families(s: Sample) -> Iterator[Metric]:
     if s.kept is not None:
         yield from keeping(PREFIX, [], [([], s.kept)])
     yield from _lifecycle_families(s)
+    yield from _disk_families(s.disks)
+
+
+def _disk_families(disks: tuple[DiskSample, ...]) -> Iterator[Metric]:
+    from prometheus_client.core import CounterMetricFamily
+
+    fields = [
+        ("read_operations", "Read requests the guest completed on the disk.", "read_ops", 1),
+        ("write_operations", "Write requests the guest completed on the disk.", "write_ops", 1),
+        ("read_bytes", "Bytes the guest read from the disk.", "read_bytes", 1),
+        ("written_bytes", "Bytes the guest wrote to the disk.", "write_bytes", 1),
+        ("read_seconds", "Time the guest's reads took, throttling included.", "read_ns", 1e9),
+        ("write_seconds", "Time the guest's writes took, throttling included.", "write_ns", 1e9),
+    ]
+    for name, doc, attr, scale in fields:
+        family = CounterMetricFamily(PREFIX + "disk_" + name, doc, labels=["disk"])
+        for d in disks:
+            family.add_metric([d.disk], getattr(d, attr) / scale)
+        yield family
 
 
 def _vcpu_families(vcpus: tuple[VcpuSample, ...]) -> Iterator[Metric]:

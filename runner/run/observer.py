@@ -15,7 +15,7 @@ from runner.node.cgroupfs import pressures
 from runner.node.pinning import KeptCounts
 from runner.plan import in_place
 from runner.run import metrics
-from runner.run.metrics import Sample, VcpuSample
+from runner.run.metrics import DiskSample, Sample, VcpuSample
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
@@ -72,7 +72,9 @@ def guest_status(s: Startup) -> str:
     return s.guest.status
 
 
-def sample(s: Startup, remote: rpc.StatusResult | None = None) -> Sample:
+def sample(
+    s: Startup, remote: rpc.StatusResult | None = None, disks: tuple[DiskSample, ...] = ()
+) -> Sample:
     """`remote`: what the controller read for us (controller mode), where the runner, in a
     private cgroup namespace, cannot read the node's cgroups; and what its keeper did."""
     iso = s.pre.isolation
@@ -101,7 +103,22 @@ def sample(s: Startup, remote: rpc.StatusResult | None = None) -> Sample:
         restarts=dict(s.reaper.restarts),
         step_seconds=dict(s.step_seconds),
         running_after=s.running_after,
+        disks=disks,
     )
+
+
+async def disk_stats(s: Startup) -> tuple[DiskSample, ...]:
+    """QEMU's counters of each disk, asked at a scrape (never between); none before QMP is
+    up or once QEMU is gone."""
+    qemu = s.guest.qemu
+    if not s.qmp_ready or qemu is None or not qemu.running:
+        return ()
+    try:
+        answer = await s.guest.qmp.execute("query-blockstats", timeout=2)
+    except Exception as e:  # a scrape never fails for it: the disks are left out
+        log.debug("blockstats-unavailable", error=f"{type(e).__name__}: {e}")
+        return ()
+    return metrics.parse_blockstats(answer)
 
 
 def stale_monitors(s: Startup, now: float) -> dict[str, float]:
@@ -120,9 +137,10 @@ def routes(s: Startup) -> dict[str, httpd.Route]:
 
     class Instance(Collector):
         remote: rpc.StatusResult | None = None
+        disks: tuple[DiskSample, ...] = ()
 
         def collect(self) -> Iterator[Metric]:
-            yield from metrics.families(sample(s, self.remote))
+            yield from metrics.families(sample(s, self.remote, self.disks))
 
     instance = Instance()
     registry = CollectorRegistry(auto_describe=False)
@@ -133,6 +151,7 @@ def routes(s: Startup) -> dict[str, httpd.Route]:
         iso = s.pre.isolation
         # Asked for at each scrape, never between: an unscraped runner stays idle.
         instance.remote = await iso.source.status() if iso and s.cgroups else None
+        instance.disks = await disk_stats(s)
         return 200, generate_latest(registry).decode(), CONTENT_TYPE
 
     def health() -> httpd.Reply:

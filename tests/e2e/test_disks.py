@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from runner import argv, spec
+from runner.run import metrics
 
 pytestmark = pytest.mark.skipif(
     shutil.which("qemu-system-x86_64") is None or shutil.which("qemu-img") is None,
@@ -118,3 +119,7 @@ def test_io_limits_are_one_group_for_the_instance_or_a_disks_own(tmp_path: Path,
     assert a["group"] == b["group"] == "instance" and c["group"] == "disk2"
     assert (a["iops"], a["bps"], a["iops_max"]) == (200, 1 << 20, 400)
     assert (c["iops"], c["iops_rd"], c["iops_wr"]) == (0, 50, 20)
+    # What /metrics reports per disk, from this QEMU's own answer.
+    stats = metrics.parse_blockstats(mon.call("query-blockstats"))
+    assert [d.disk for d in stats] == ["disk0", "disk1", "disk2"]
+    assert all(d.read_ops == d.write_ops == 0 for d in stats)

@@ -73,3 +73,33 @@ def test_disks_as_found(tmp_path: Path) -> None:
     image = load(disks=[{"image": str(f)}])
     with pytest.raises(StartupError, match="needs a writable --scratch-dir"):
         preflight.disks_as_found(image.disks, "/nonexistent")
+
+
+def test_disk_counters_on_metrics() -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.registry import Collector
+
+    from runner.run import metrics
+
+    answer = [
+        {
+            "device": "disk0",
+            "stats": {"rd_operations": 3, "wr_bytes": 4096, "rd_total_time_ns": 2e9},
+        },
+        {"device": "", "qdev": "/machine/peripheral-anon/device[1]", "stats": {"wr_operations": 1}},
+        {"device": "bad", "stats": "nope"},
+        "junk",
+    ]
+    disks = metrics.parse_blockstats(answer)
+    assert [d.disk for d in disks] == ["disk0", "/machine/peripheral-anon/device[1]"]
+    assert disks[0].read_ops == 3 and disks[0].write_bytes == 4096 and disks[0].read_ns == 0
+
+    class One(Collector):
+        def collect(self):  # type: ignore[no-untyped-def]
+            yield from metrics._disk_families(disks)
+
+    registry = CollectorRegistry()
+    registry.register(One())
+    text = generate_latest(registry).decode()
+    assert 'instance_runner_disk_read_operations_total{disk="disk0"} 3.0' in text
+    assert 'instance_runner_disk_written_bytes_total{disk="disk0"} 4096.0' in text
