@@ -249,8 +249,13 @@ def test_a_process_name_that_is_not_utf8(b: Boundary, fault: Fault) -> None:
         assert lines[2]["answer"]["answer"]["result"]["status"] == "ok"
         attacker = float_of(b.attacker.pod.uid)
         wait_for(lambda: task_cgroup(pid, pid) == attacker, timeout=10, what="the sweep")
-        # The OOM killer's first choice from now on, before any tenant's QEMU.
-        assert Path(f"/proc/{pid}/oom_score_adj").read_text().strip() == "1000"
+        # The OOM killer's first choice from now on, before any tenant's QEMU (written just
+        # after the move).
+        wait_for(
+            lambda: Path(f"/proc/{pid}/oom_score_adj").read_text().strip() == "1000",
+            timeout=5,
+            what="oom_score_adj 1000",
+        )
         # Logged just after the move, its name escaped.
         wait_for(
             lambda: any(
@@ -346,7 +351,12 @@ def test_the_socket_is_the_controllers_alone(b: Boundary, fault: Fault) -> None:
         what="the socket bound again",
     )
     fault.saw(f"rebound in {time.monotonic() - removed:.1f} s")
-    assert any(e["event"] == "socket-rebound" for e in b.log())
+    # Logged once it is bound: a moment after the socket appears.
+    wait_for(
+        lambda: any(e["event"] == "socket-rebound" for e in b.log()),
+        timeout=5,
+        what="socket-rebound logged",
+    )
 
     assert b.daemon.stop() == 0
     b.daemon.socket.write_text("left by someone")
