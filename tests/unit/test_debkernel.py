@@ -98,6 +98,7 @@ def debian61(tmp_path: Path) -> Path:
             "kernel/drivers/net/tun.ko": [],
             # The pod network's (the deps as modules.dep lists them, last loaded first).
             "kernel/drivers/net/veth.ko": [],
+            "kernel/crypto/crc32c_generic.ko": [],
             "kernel/lib/libcrc32c.ko": [],
             "kernel/net/ipv4/netfilter/nf_defrag_ipv4.ko": [],
             "kernel/net/ipv6/netfilter/nf_defrag_ipv6.ko": [],
@@ -199,6 +200,7 @@ def debian612(tmp_path: Path) -> Path:
             "kernel/drivers/net/tun.ko.xz": [],
             # The pod network's (the deps as modules.dep lists them, last loaded first).
             "kernel/drivers/net/veth.ko.xz": [],
+            "kernel/crypto/crc32c_generic.ko.xz": [],
             "kernel/lib/libcrc32c.ko.xz": [],
             "kernel/net/ipv4/netfilter/nf_defrag_ipv4.ko.xz": [],
             "kernel/net/ipv6/netfilter/nf_defrag_ipv6.ko.xz": [],
@@ -321,6 +323,7 @@ def test_the_testvm_list_on_61_loads_virtio_and_a_separate_fscache(debian61: Pat
         "overlay",
         "tun",
         "veth",
+        "crc32c_generic",
         "libcrc32c",
         "nf_defrag_ipv4",
         "nf_defrag_ipv6",
@@ -357,6 +360,7 @@ def test_the_testvm_list_on_612_skips_built_in_virtio_and_needs_no_fscache(
         "kernel/fs/overlayfs/overlay.ko.xz",
         "kernel/drivers/net/tun.ko.xz",
         "kernel/drivers/net/veth.ko.xz",
+        "kernel/crypto/crc32c_generic.ko.xz",
         "kernel/lib/libcrc32c.ko.xz",
         "kernel/net/ipv4/netfilter/nf_defrag_ipv4.ko.xz",
         "kernel/net/ipv6/netfilter/nf_defrag_ipv6.ko.xz",
