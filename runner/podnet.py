@@ -212,7 +212,8 @@ def nft_now(binary: str, doc: netrules.Json) -> None:
     controller, which has no reaper: the child is its own and waited for here."""
     try:
         done = subprocess.run(
-            [binary, "-j", "-f", "-"],
+            # Not "-": nft opens /dev/stdin, which a minimal /dev may lack.
+            [binary, "-j", "-f", "/proc/self/fd/0"],
             input=json.dumps(doc).encode(),
             capture_output=True,
             timeout=NFT_TIMEOUT,

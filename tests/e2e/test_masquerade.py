@@ -275,10 +275,10 @@ def test_bandwidth_towards_and_from_the_guest(
     stopped_clean(netns, pod_server)
 
 
-@pytest.mark.parametrize("step", ["masquerade", "qemu"])
-def test_sigterm_during_the_network_steps_leaves_nothing(netns: Netns, step: str) -> None:
-    """Stopped before the rules (the bandwidth step done) or after them: no table, no qdisc
-    owner, every sysctl as it was, no process."""
+@pytest.mark.parametrize("step", ["network", "plumbing", "qemu"])
+def test_sigterm_around_the_network_step_leaves_nothing(netns: Netns, step: str) -> None:
+    """Stopped before the network is made, or after it (before its taps are opened, or with
+    QEMU about to start): no tap, no table, every sysctl as it was, no process."""
     forward = sh(netns.name, "sysctl", "-n", "net.ipv4.ip_forward").strip()
     nic = {
         "binding": "masquerade",
@@ -293,7 +293,9 @@ def test_sigterm_during_the_network_steps_leaves_nothing(netns: Netns, step: str
         assert netns.proc.poll() is None, netns.err.read_text()
         time.sleep(0.05)
     tables = sh(netns.name, "nft", "list", "tables").split()
-    assert "netdev" in tables and ("inet" in tables) == (step == "qemu")
+    made = step != "network"
+    assert ("netdev" in tables) == ("inet" in tables) == made
+    assert ("tap0" in netns.devices()) == made
     assert netns.finish() == 128 + signal.SIGTERM
     netns.assert_nothing_left()
     assert sh(netns.name, "nft", "list", "tables").strip() == ""
