@@ -168,12 +168,6 @@ def new_netns(tmp: Path, image: Path) -> Iterator[Netns]:
         subprocess.run(["ip", "netns", "del", name], check=True)
 
 
-# Here the runner is embedded (cgroup v1 rules out the controller): it makes its pod's taps,
-# forwarding and rules itself, which in controller mode the controller does for it (proven in
-# the test VM: tests/vm/inside/test_guest_smoke.py).
-EMBEDDED = ["net_admin"]
-
-
 def unprivileged(capabilities: list[str]) -> tuple[str, ...]:
     """Run as an unprivileged VM pod: only these capabilities (the example pod's), and no way
     to gain more (no_new_privs)."""

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from .netns import EMBEDDED, Netns, new_netns, unprivileged
+from .netns import Netns, new_netns, unprivileged
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = [
@@ -36,7 +36,7 @@ def test_lease_share_console_and_clean_power_off(
     """The whole plumbing, also with exactly the capabilities of the example VM pod (each is
     needed: without any one of them this fails): the lease, the read-write share (virtiofsd
     sandboxed in a chroot), the console, power-off."""
-    prefix = unprivileged([*vm_pod_capabilities, *EMBEDDED]) if as_pod else ()
+    prefix = unprivileged(vm_pod_capabilities) if as_pod else ()
     disk = netns.tmp / "data.raw"
     with open(disk, "wb") as f:
         f.truncate(4 << 20)
@@ -116,11 +116,11 @@ def test_each_capability_of_the_vm_pod_is_needed(
     for cap in vm_pod_capabilities:
         with new_netns(tmp_path / cap, guest_image) as ns:
             works[cap] = plumbing_works(
-                ns, unprivileged([*(c for c in vm_pod_capabilities if c != cap), *EMBEDDED])
+                ns, unprivileged([c for c in vm_pod_capabilities if c != cap])
             )
     assert not any(works.values()), [c for c, ok in works.items() if ok]
     with new_netns(tmp_path / "all", guest_image) as ns:
-        assert plumbing_works(ns, unprivileged([*vm_pod_capabilities, *EMBEDDED]))
+        assert plumbing_works(ns, unprivileged(vm_pod_capabilities))
 
 
 def read_only_volume(source: Path) -> tuple[str, ...]:
@@ -146,7 +146,7 @@ def test_read_only_share_is_enforced(
         "guest.write=ip.txt",
         shares=[{"source": str(netns.share), "tag": "data", "read_only": True}],
     )
-    as_is = (*read_only_volume(netns.share), *unprivileged([*vm_pod_capabilities, *EMBEDDED]))
+    as_is = (*read_only_volume(netns.share), *unprivileged(vm_pod_capabilities))
     netns.start(spec, prefix=as_is if as_pod else ())
     line = netns.wait_console("GUEST-ERROR")
     assert "cannot write ip.txt" in line
@@ -167,7 +167,7 @@ def test_a_writable_mount_below_a_read_only_share_is_refused_without_sys_admin(
         str(netns.share),
     )
     spec = netns.spec(shares=[{"source": str(netns.share), "tag": "data", "read_only": True}])
-    netns.start(spec, prefix=(*volumes, *unprivileged([*vm_pod_capabilities, *EMBEDDED])))
+    netns.start(spec, prefix=(*volumes, *unprivileged(vm_pod_capabilities)))
     assert netns.finish(sig=None) == 1
     (error,) = [e for e in netns.logs() if e["level"] == "error"]
     assert error["event"] == "startup-failed"

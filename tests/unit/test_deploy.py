@@ -160,7 +160,7 @@ def test_example_vm_pod_is_not_privileged() -> None:
     assert sc["capabilities"]["drop"] == ["ALL"]
     assert sorted(sc["capabilities"]["add"]) == sorted(
         [
-            *("KILL", "NET_RAW", "NET_BIND_SERVICE", "SETUID", "SETGID"),
+            *("NET_ADMIN", "KILL", "NET_RAW", "NET_BIND_SERVICE", "SETUID", "SETGID"),
             *("CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "MKNOD", "SETFCAP"),
             *("SETPCAP", "SYS_CHROOT"),
         ]

@@ -2,8 +2,9 @@
 pod's network, inside the test VM (TCG in TCG: the guest alone needs a minute or two to boot).
 
 The pod has its own network namespace, joined to the node's by a veth as a CNI plugin makes it,
-and none of NET_ADMIN, SYS_ADMIN or SYS_NICE: the controller makes its tap, forwarding and
-masquerade rules in that namespace, and places its vCPUs. DHCP, the guest reaching the node as
+a read-only /proc/sys, and neither SYS_ADMIN nor SYS_NICE (NET_ADMIN it has, for dnsmasq): the
+controller makes its tap, forwarding and masquerade rules in that namespace, and places its
+vCPUs. DHCP, the guest reaching the node as
 the pod and reached on the pod's address, the share, pinning, a clean power-off, and nothing of
 it left in either namespace."""
 
@@ -32,7 +33,7 @@ from .pods import (
     start_runner,
 )
 
-CAP_NET_ADMIN = 12
+CAP_SYS_ADMIN = 21
 POD4, NODE4 = "192.168.77.2", "192.168.77.1"
 # Sends one line naming the client's address, then closes: what the guest fetches.
 SERVER = """
@@ -76,6 +77,16 @@ def pod_net() -> Iterator[str]:
     finally:
         subprocess.run(["ip", "netns", "del", name], check=False)
         subprocess.run(["ip", "link", "del", "veth-pod"], check=False, capture_output=True)
+
+
+def mount_options(pid: int, where: str) -> list[str]:
+    """The options of the last mount on `where` that `pid` sees."""
+    seen: list[str] = []
+    for line in Path(f"/proc/{pid}/mountinfo").read_text().splitlines():
+        fields = line.split()
+        if fields[4] == where:
+            seen = fields[5].split(",")
+    return seen
 
 
 def tables(ns: str | None) -> list[dict]:
@@ -143,11 +154,17 @@ def test_real_guest_of_an_unprivileged_pod_on_its_pod_network(
         spec=spec,
         run_dir=run_dir,
         prefix=("sh", "-c", f'exec "$@" > {out}', "sh"),
-        podsim=(*UNPRIVILEGED_POD, "--grace", "120", "--netns", f"/run/netns/{pod_net}"),
+        podsim=(
+            *UNPRIVILEGED_POD,
+            *("--cap-add", "NET_ADMIN", "--grace", "120", "--netns", f"/run/netns/{pod_net}"),
+        ),
     )
     ready = rp.wait_ready(timeout=300)
     assert {v["cpu"] for v in ready["vcpus"]} == {1, 2}
-    assert not capabilities(rp.runner_pid()) & (1 << CAP_NET_ADMIN)
+    runner = rp.runner_pid()
+    assert not capabilities(runner) & (1 << CAP_SYS_ADMIN)
+    # The pod could not have set forwarding itself: its /proc/sys is read-only.
+    assert "ro" in mount_options(runner, "/proc/sys")
     # The controller made the pod's network, in the pod's namespace only.
     assert {t["table"]["name"] for t in tables(pod_net)} == {"instance_runner"}
     assert ip("cat", "/proc/sys/net/ipv4/ip_forward", ns=pod_net).strip() == "1"
