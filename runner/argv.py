@@ -24,6 +24,7 @@ class Wiring:
     streams: frozenset[int] = frozenset()  # the nics (indexes) whose fd is a stream
     share_sockets: tuple[str, ...] = ()  # one vhost-user socket per share, in spec order
     seed: str | None = None  # cloud-init's NoCloud ISO
+    uefi: tuple[str, str] | None = None  # OVMF's code, and this instance's variable store
 
 
 def _opt(value: str) -> str:
@@ -52,8 +53,16 @@ def qemu_argv(
         "-display",
         "none",
     ]
-    if spec.devices:
-        argv += ["-machine", "q35"]  # PCIe expander bridges and root ports
+    if spec.devices or wiring.uefi is not None:
+        argv += ["-machine", "q35"]  # PCIe expander bridges and root ports; OVMF's machine
+    if wiring.uefi is not None:
+        code, store = wiring.uefi
+        argv += [
+            "-drive",
+            f"if=pflash,format=raw,unit=0,readonly=on,file={_opt(code)}",
+            "-drive",
+            f"if=pflash,format=raw,unit=1,file={_opt(store)}",
+        ]
     if accel == "kvm":
         argv += ["-accel", "kvm", "-cpu", "host"]
     else:

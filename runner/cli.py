@@ -202,6 +202,22 @@ def cli() -> None:
     help="nftables' nft binary, for a nic with the masquerade binding.",
 )
 @option(
+    "--ovmf-code",
+    env="OVMF_CODE",
+    default="/usr/share/OVMF/OVMF_CODE_4M.fd",
+    show_default=True,
+    metavar="FILE",
+    help="UEFI firmware (OVMF) for a spec whose boot.firmware is uefi.",
+)
+@option(
+    "--ovmf-vars",
+    env="OVMF_VARS",
+    default="/usr/share/OVMF/OVMF_VARS_4M.fd",
+    show_default=True,
+    metavar="FILE",
+    help="OVMF's variable store template, copied per start (or once into boot.efi_vars).",
+)
+@option(
     "--passt",
     env="PASST",
     default="passt",

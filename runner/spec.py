@@ -74,14 +74,20 @@ class Memory:
 
 @attrs.frozen(kw_only=True)
 class Boot:
-    """Direct kernel boot (kernel, initrd, cmdline), or from one of the disks (its index)."""
+    """Direct kernel boot (kernel, initrd, cmdline), or from one of the disks (its index)
+    through its firmware: SeaBIOS (`bios`) or UEFI (`uefi`: OVMF, with its variable store a
+    copy of OVMF's template per start, or `efi_vars`, a file on a volume that keeps it)."""
 
     kernel: str | None = attrs.field(default=None, validator=_absolute)
     initrd: str | None = attrs.field(default=None, validator=_absolute)
     cmdline: str | None = None
     disk: int | None = None
+    firmware: Literal["bios", "uefi"] = "bios"
+    efi_vars: str | None = attrs.field(default=None, validator=_absolute)
 
     def __attrs_post_init__(self) -> None:
+        if self.efi_vars is not None and self.firmware != "uefi":
+            raise ValueError("efi_vars is UEFI's variable store: it needs firmware uefi")
         if self.disk is not None and self.kernel is not None:
             raise ValueError("boot takes a kernel or a disk, not both")
         if self.disk is None and self.kernel is None:

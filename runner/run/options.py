@@ -31,6 +31,8 @@ class Options:
     dnsmasq: str = "dnsmasq"
     nft: str = "nft"
     passt: str = "passt"
+    ovmf_code: str = "/usr/share/OVMF/OVMF_CODE_4M.fd"  # Debian's ovmf
+    ovmf_vars: str = "/usr/share/OVMF/OVMF_VARS_4M.fd"  # the variable store's template
     virtiofsd: str | None = None  # None: the Rust daemon if installed, else QEMU's C one
     controller_socket: str | None = None  # None: embedded mode, the runner makes its cgroups
     pod_uid: str | None = None  # told (Downward API): needed in a private cgroup namespace

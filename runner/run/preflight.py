@@ -60,6 +60,7 @@ class Prepared:
     isolation: Isolation | None  # None: --isolation off
     seed: bytes | None = None  # cloud-init's NoCloud ISO, when the spec has cloud_init
     scratch_dir: str = "/var/tmp"  # QEMU's TMPDIR: image disks' overlays
+    uefi: tuple[str, str] | None = None  # OVMF's code and variable store template
 
     @property
     def iso(self) -> Isolation:
@@ -136,6 +137,18 @@ def _seed_input(path: str | None, what: str) -> bytes | None:
     if len(data) > SEED_FILE_MAX:
         raise StartupError(f"cloud_init {what} {path} is over {SEED_FILE_MAX >> 20} MiB")
     return data
+
+
+def uefi_firmware(the_spec: spec.InstanceSpec, o: Options) -> tuple[str, str] | None:
+    boot = the_spec.boot
+    if boot is None or boot.firmware != "uefi":
+        return None
+    for path in (o.ovmf_code, o.ovmf_vars):
+        if not Path(path).is_file():
+            raise StartupError(f"UEFI firmware {path} not found (Debian's package ovmf has it)")
+    if boot.efi_vars is not None and not Path(boot.efi_vars).parent.is_dir():
+        raise StartupError(f"boot efi_vars {boot.efi_vars}: its directory does not exist")
+    return o.ovmf_code, o.ovmf_vars
 
 
 def cloud_init_seed(the_spec: spec.InstanceSpec) -> bytes | None:
@@ -216,6 +229,7 @@ def preflight(o: Options) -> Prepared:
         isolation=isolation,
         seed=seed,
         scratch_dir=o.scratch_dir,
+        uefi=uefi_firmware(the_spec, o),
     )
     if isolation is None:
         log.warning(

@@ -10,9 +10,11 @@ import contextlib
 import fcntl
 import functools
 import os
+import shutil
 import socket
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import attrs
 import trio
@@ -267,6 +269,7 @@ async def plumb(s: Startup) -> None:
     seed = s.pre.run_dir / SEED
     s.wiring = Wiring(
         seed=str(seed) if s.pre.seed is not None else None,
+        uefi=(s.pre.uefi[0], str(_efi_vars(s))) if s.pre.uefi is not None else None,
         qmp_fd=qmp_fd,
         console_fd=console_fd,
         nic_fds=tuple(nic_fds),
@@ -324,6 +327,35 @@ async def make_disks(s: Startup) -> None:
         except OSError as e:
             raise StartupError(f"disk {i}: cannot make {disk.path}: {e.strerror}") from None
         log.info("disk-made", disk=i, path=disk.path, size_gib=disk.size_gib)
+
+
+# --- firmware: UEFI's variable store ------------------------------------------------------------
+
+
+def _efi_vars(s: Startup) -> Path:
+    boot = s.pre.spec.boot
+    given = boot.efi_vars if boot is not None else None
+    return Path(given) if given is not None else s.pre.run_dir / "efi-vars.fd"
+
+
+async def copy_efi_vars(s: Startup) -> None:
+    """From OVMF's template: per start in the run directory, or once into `efi_vars` (a
+    volume's file that keeps the boot entries the guest writes)."""
+    assert s.pre.uefi is not None
+    store = _efi_vars(s)
+    if store.exists():
+        return
+    try:
+        shutil.copyfile(s.pre.uefi[1], store)
+    except OSError as e:
+        raise StartupError(f"cannot make UEFI's variable store {store}: {e.strerror}") from None
+    log.info("efi-vars-made", path=str(store))
+
+
+async def remove_efi_vars(s: Startup) -> None:
+    boot = s.pre.spec.boot
+    if boot is None or boot.efi_vars is None:  # ours, per start
+        (s.pre.run_dir / "efi-vars.fd").unlink(missing_ok=True)
 
 
 # --- seed: cloud-init's NoCloud ISO -------------------------------------------------------------
@@ -538,6 +570,7 @@ STEPS: tuple[Step, ...] = (
         nothing,
         wanted=lambda s: any(d.size_gib is not None for d in s.pre.spec.disks),
     ),
+    Step("firmware", copy_efi_vars, remove_efi_vars, wanted=lambda s: s.pre.uefi is not None),
     Step("seed", write_seed, remove_seed, wanted=lambda s: s.pre.seed is not None),
     Step(
         "network",

@@ -9,8 +9,10 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -123,3 +125,52 @@ def test_io_limits_are_one_group_for_the_instance_or_a_disks_own(tmp_path: Path,
     stats = metrics.parse_blockstats(mon.call("query-blockstats"))
     assert [d.disk for d in stats] == ["disk0", "disk1", "disk2"]
     assert all(d.read_ops == d.write_ops == 0 for d in stats)
+
+
+OVMF = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
+
+
+@pytest.mark.skipif(not OVMF.exists(), reason="needs Debian's ovmf")
+def test_uefi_boots_with_a_variable_store_of_its_own(tmp_path: Path) -> None:
+    """The runner (isolation off) boots a disk through OVMF: the firmware runs (its boot
+    manager speaks on the serial console), the store is a per-start copy, and nothing is left."""
+    disk = tmp_path / "disk.raw"
+    disk.write_bytes(b"\0" * (1 << 20))
+    doc = {
+        "name": "uefi",
+        "vcpus": 1,
+        "memory_mib": 256,
+        "accel": "tcg",
+        "boot": {"disk": 0, "firmware": "uefi"},
+        "disks": [{"path": str(disk)}],
+    }
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(doc))
+    run = tmp_path / "run"
+    out = tmp_path / "out"
+    with open(out, "wb") as f:
+        proc = subprocess.Popen(
+            [
+                str(Path(sys.executable).with_name("instance-runner")),
+                "run",
+                *("--spec", str(path), "--isolation", "off", "--run-dir", str(run)),
+                *("--shutdown-timeout", "1"),
+            ],
+            stdout=f,
+            stderr=subprocess.PIPE,
+        )
+    try:
+        deadline = time.monotonic() + 120
+        while b"BdsDxe" not in out.read_bytes():
+            assert proc.poll() is None and time.monotonic() < deadline, out.read_text()
+            time.sleep(0.2)
+        assert (run / "efi-vars.fd").stat().st_size == Path(
+            "/usr/share/OVMF/OVMF_VARS_4M.fd"
+        ).stat().st_size
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert not (run / "efi-vars.fd").exists()

@@ -40,6 +40,11 @@ def command_lines(s: spec.InstanceSpec) -> str:
         streams=frozenset(i for i, n in enumerate(s.nics) if n.binding == "passt"),
         share_sockets=tuple(f"/run/instance-runner/fs{i}.sock" for i in range(len(s.shares))),
         seed="/run/instance-runner/seed.iso" if s.cloud_init is not None else None,
+        uefi=(
+            ("/usr/share/OVMF/OVMF_CODE_4M.fd", "/run/instance-runner/efi-vars.fd")
+            if s.boot is not None and s.boot.firmware == "uefi"
+            else None
+        ),
     )
     accel = "kvm" if s.accel == "kvm" else "tcg"
     blocks = [
