@@ -63,6 +63,37 @@ def moddir(
 V = "kernel/drivers/virtio/"
 
 
+def netfilter(ext: str) -> dict[str, list[str]]:
+    """The pod network's modules, as modules.dep lists their dependencies (last loaded
+    first) on both series."""
+    nf = "kernel/net/netfilter/"
+    crc, d4, d6 = (
+        f"kernel/lib/libcrc32c{ext}",
+        f"kernel/net/ipv4/netfilter/nf_defrag_ipv4{ext}",
+        f"kernel/net/ipv6/netfilter/nf_defrag_ipv6{ext}",
+    )
+    ct, nat, nfl, nft = (
+        f"{nf}{m}{ext}" for m in ("nf_conntrack", "nf_nat", "nfnetlink", "nf_tables")
+    )
+    return {
+        f"kernel/drivers/net/veth{ext}": [],
+        f"kernel/crypto/crc32c_generic{ext}": [],
+        crc: [],
+        d4: [],
+        d6: [],
+        ct: [d6, d4, crc],
+        nat: [ct, d6, d4, crc],
+        nfl: [],
+        nft: [nfl, crc],
+        f"{nf}nft_chain_nat{ext}": [nft, nfl, nat, ct, d6, d4, crc],
+        f"{nf}nft_nat{ext}": [nft, nat, ct, d6, d4, crc, nfl],
+        f"{nf}nft_masq{ext}": [nft, nat, ct, d6, d4, crc, nfl],
+        f"{nf}nft_ct{ext}": [nft, ct, d6, d4, crc, nfl],
+        f"{nf}nft_limit{ext}": [nft, nfl, crc],
+        f"kernel/net/sched/sch_htb{ext}": [],
+    }
+
+
 @pytest.fixture
 def debian61(tmp_path: Path) -> Path:
     """6.1.0-*-amd64: virtio modules, fscache.ko separate from netfs.ko."""
@@ -96,69 +127,7 @@ def debian61(tmp_path: Path) -> Path:
             ],
             "kernel/fs/overlayfs/overlay.ko": [],
             "kernel/drivers/net/tun.ko": [],
-            # The pod network's (the deps as modules.dep lists them, last loaded first).
-            "kernel/drivers/net/veth.ko": [],
-            "kernel/crypto/crc32c_generic.ko": [],
-            "kernel/lib/libcrc32c.ko": [],
-            "kernel/net/ipv4/netfilter/nf_defrag_ipv4.ko": [],
-            "kernel/net/ipv6/netfilter/nf_defrag_ipv6.ko": [],
-            "kernel/net/netfilter/nf_conntrack.ko": [
-                "kernel/net/ipv6/netfilter/nf_defrag_ipv6.ko",
-                "kernel/net/ipv4/netfilter/nf_defrag_ipv4.ko",
-                "kernel/lib/libcrc32c.ko",
-            ],
-            "kernel/net/netfilter/nf_nat.ko": [
-                "kernel/net/netfilter/nf_conntrack.ko",
-                "kernel/net/ipv6/netfilter/nf_defrag_ipv6.ko",
-                "kernel/net/ipv4/netfilter/nf_defrag_ipv4.ko",
-                "kernel/lib/libcrc32c.ko",
-            ],
-            "kernel/net/netfilter/nfnetlink.ko": [],
-            "kernel/net/netfilter/nf_tables.ko": [
-                "kernel/net/netfilter/nfnetlink.ko",
-                "kernel/lib/libcrc32c.ko",
-            ],
-            "kernel/net/netfilter/nft_chain_nat.ko": [
-                "kernel/net/netfilter/nf_tables.ko",
-                "kernel/net/netfilter/nfnetlink.ko",
-                "kernel/net/netfilter/nf_nat.ko",
-                "kernel/net/netfilter/nf_conntrack.ko",
-                "kernel/net/ipv6/netfilter/nf_defrag_ipv6.ko",
-                "kernel/net/ipv4/netfilter/nf_defrag_ipv4.ko",
-                "kernel/lib/libcrc32c.ko",
-            ],
-            "kernel/net/netfilter/nft_nat.ko": [
-                "kernel/net/netfilter/nf_tables.ko",
-                "kernel/net/netfilter/nf_nat.ko",
-                "kernel/net/netfilter/nf_conntrack.ko",
-                "kernel/net/ipv6/netfilter/nf_defrag_ipv6.ko",
-                "kernel/net/ipv4/netfilter/nf_defrag_ipv4.ko",
-                "kernel/lib/libcrc32c.ko",
-                "kernel/net/netfilter/nfnetlink.ko",
-            ],
-            "kernel/net/netfilter/nft_masq.ko": [
-                "kernel/net/netfilter/nf_tables.ko",
-                "kernel/net/netfilter/nf_nat.ko",
-                "kernel/net/netfilter/nf_conntrack.ko",
-                "kernel/net/ipv6/netfilter/nf_defrag_ipv6.ko",
-                "kernel/net/ipv4/netfilter/nf_defrag_ipv4.ko",
-                "kernel/lib/libcrc32c.ko",
-                "kernel/net/netfilter/nfnetlink.ko",
-            ],
-            "kernel/net/netfilter/nft_ct.ko": [
-                "kernel/net/netfilter/nf_tables.ko",
-                "kernel/net/netfilter/nf_conntrack.ko",
-                "kernel/net/ipv6/netfilter/nf_defrag_ipv6.ko",
-                "kernel/net/ipv4/netfilter/nf_defrag_ipv4.ko",
-                "kernel/lib/libcrc32c.ko",
-                "kernel/net/netfilter/nfnetlink.ko",
-            ],
-            "kernel/net/netfilter/nft_limit.ko": [
-                "kernel/net/netfilter/nf_tables.ko",
-                "kernel/net/netfilter/nfnetlink.ko",
-                "kernel/lib/libcrc32c.ko",
-            ],
-            "kernel/net/sched/sch_htb.ko": [],
+            **netfilter(".ko"),
             # As `modinfo -F depends` gives them for 6.1.0-57 (file names with dashes).
             "kernel/virt/lib/irqbypass.ko": [],
             "kernel/drivers/vfio/vfio.ko": [],
@@ -198,69 +167,7 @@ def debian612(tmp_path: Path) -> Path:
             "kernel/fs/9p/9p.ko.xz": [p9net, netfs],
             "kernel/fs/overlayfs/overlay.ko.xz": [],
             "kernel/drivers/net/tun.ko.xz": [],
-            # The pod network's (the deps as modules.dep lists them, last loaded first).
-            "kernel/drivers/net/veth.ko.xz": [],
-            "kernel/crypto/crc32c_generic.ko.xz": [],
-            "kernel/lib/libcrc32c.ko.xz": [],
-            "kernel/net/ipv4/netfilter/nf_defrag_ipv4.ko.xz": [],
-            "kernel/net/ipv6/netfilter/nf_defrag_ipv6.ko.xz": [],
-            "kernel/net/netfilter/nf_conntrack.ko.xz": [
-                "kernel/net/ipv6/netfilter/nf_defrag_ipv6.ko.xz",
-                "kernel/net/ipv4/netfilter/nf_defrag_ipv4.ko.xz",
-                "kernel/lib/libcrc32c.ko.xz",
-            ],
-            "kernel/net/netfilter/nf_nat.ko.xz": [
-                "kernel/net/netfilter/nf_conntrack.ko.xz",
-                "kernel/net/ipv6/netfilter/nf_defrag_ipv6.ko.xz",
-                "kernel/net/ipv4/netfilter/nf_defrag_ipv4.ko.xz",
-                "kernel/lib/libcrc32c.ko.xz",
-            ],
-            "kernel/net/netfilter/nfnetlink.ko.xz": [],
-            "kernel/net/netfilter/nf_tables.ko.xz": [
-                "kernel/net/netfilter/nfnetlink.ko.xz",
-                "kernel/lib/libcrc32c.ko.xz",
-            ],
-            "kernel/net/netfilter/nft_chain_nat.ko.xz": [
-                "kernel/net/netfilter/nf_tables.ko.xz",
-                "kernel/net/netfilter/nfnetlink.ko.xz",
-                "kernel/net/netfilter/nf_nat.ko.xz",
-                "kernel/net/netfilter/nf_conntrack.ko.xz",
-                "kernel/net/ipv6/netfilter/nf_defrag_ipv6.ko.xz",
-                "kernel/net/ipv4/netfilter/nf_defrag_ipv4.ko.xz",
-                "kernel/lib/libcrc32c.ko.xz",
-            ],
-            "kernel/net/netfilter/nft_nat.ko.xz": [
-                "kernel/net/netfilter/nf_tables.ko.xz",
-                "kernel/net/netfilter/nf_nat.ko.xz",
-                "kernel/net/netfilter/nf_conntrack.ko.xz",
-                "kernel/net/ipv6/netfilter/nf_defrag_ipv6.ko.xz",
-                "kernel/net/ipv4/netfilter/nf_defrag_ipv4.ko.xz",
-                "kernel/lib/libcrc32c.ko.xz",
-                "kernel/net/netfilter/nfnetlink.ko.xz",
-            ],
-            "kernel/net/netfilter/nft_masq.ko.xz": [
-                "kernel/net/netfilter/nf_tables.ko.xz",
-                "kernel/net/netfilter/nf_nat.ko.xz",
-                "kernel/net/netfilter/nf_conntrack.ko.xz",
-                "kernel/net/ipv6/netfilter/nf_defrag_ipv6.ko.xz",
-                "kernel/net/ipv4/netfilter/nf_defrag_ipv4.ko.xz",
-                "kernel/lib/libcrc32c.ko.xz",
-                "kernel/net/netfilter/nfnetlink.ko.xz",
-            ],
-            "kernel/net/netfilter/nft_ct.ko.xz": [
-                "kernel/net/netfilter/nf_tables.ko.xz",
-                "kernel/net/netfilter/nf_conntrack.ko.xz",
-                "kernel/net/ipv6/netfilter/nf_defrag_ipv6.ko.xz",
-                "kernel/net/ipv4/netfilter/nf_defrag_ipv4.ko.xz",
-                "kernel/lib/libcrc32c.ko.xz",
-                "kernel/net/netfilter/nfnetlink.ko.xz",
-            ],
-            "kernel/net/netfilter/nft_limit.ko.xz": [
-                "kernel/net/netfilter/nf_tables.ko.xz",
-                "kernel/net/netfilter/nfnetlink.ko.xz",
-                "kernel/lib/libcrc32c.ko.xz",
-            ],
-            "kernel/net/sched/sch_htb.ko.xz": [],
+            **netfilter(".ko.xz"),
             "kernel/virt/lib/irqbypass.ko.xz": [],
             "kernel/drivers/vfio/vfio.ko.xz": [],
             "kernel/drivers/vfio/pci/vfio-pci-core.ko.xz": [
