@@ -76,7 +76,8 @@ class Maker:
         podnet.nft_now(self.nft, doc)
 
     async def make(self, peer: Peer, pidns: int, p: rpc.NetworkParams) -> rpc.NetworkResult:
-        assert peer.uid is not None
+        if peer.uid is None:  # the taps' owner: never guessed
+            raise rpc.RPCError(rpc.FORBIDDEN, "the caller's user is not known")
         work = functools.partial(podnet.make, p.plan, peer.uid, self._apply)
         try:
             before = await self._in_pod(p.uuid, peer, pidns, work)
