@@ -355,7 +355,7 @@ async def copy_efi_vars(s: Startup) -> None:
 async def remove_efi_vars(s: Startup) -> None:
     boot = s.pre.spec.boot
     if boot is None or boot.efi_vars is None:  # ours, per start
-        (s.pre.run_dir / "efi-vars.fd").unlink(missing_ok=True)
+        _efi_vars(s).unlink(missing_ok=True)
 
 
 # --- seed: cloud-init's NoCloud ISO -------------------------------------------------------------
@@ -397,12 +397,8 @@ def _maker(s: Startup) -> netmaker.NetworkMaker:
     return netmaker.Local(s.reaper, s.nursery, s.pre.nft or "nft", s.pre.run_dir)
 
 
-def _network_plan(s: Startup) -> netplan.NetworkPlan:
-    return netplan.plan(s.pre.spec, _reserved(s.opts))
-
-
 async def make_network(s: Startup) -> None:
-    the_plan = _network_plan(s)
+    the_plan = netplan.plan(s.pre.spec, _reserved(s.opts))
     s.network = the_plan
     s.network_before = await _maker(s).make(the_plan)
     for tap in the_plan.taps:
